@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices for sharding tests, float32 matmuls at full precision."""
+
+import os
+
+# Must happen before jax is imported anywhere: sharding tests need 8 devices on a CPU host.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
