@@ -1,0 +1,280 @@
+"""Log-probs of target tokens: per token, per sequence, per preference pair.
+
+Alignment convention (shared by data, logprobs and train): entry t of a token log-prob
+array is log p(tokens[t] | tokens[<t]), computed from the logits at position t-1; entry 0
+is 0. `loss_mask[..., t] = 1` marks token t as scored (a response token). With packing a
+segment's first token is never scored, so the shift across segment borders is harmless.
+
+All log-softmax math runs in float32 whatever the compute dtype.
+
+Two ways to get token log-probs:
+  * `token_logps(logits, tokens)` from full logits [B, L, V];
+  * `token_logps_from_features(hidden, unembed, tokens)` from the final hidden states and
+    the unembedding matrix. It loops over chunks of the sequence (and optionally of the
+    vocabulary) and has a custom VJP that recomputes each chunk's softmax, so neither the
+    forward nor the backward pass holds [B, L, V] in memory. With V = 128k this is most of
+    the activation memory of a DPO step (see experiments/logprobs_memory/README.md).
+
+Targets outside [0, V) give NaN at their entry (never a silently wrong number); at
+unscored entries the masked helpers below drop it without touching values or gradients.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "token_logps",
+    "token_logps_from_features",
+    "masked_sum",
+    "masked_mean",
+    "token_counts",
+    "pair_sums",
+]
+
+
+def _shift_right(x):
+    """[..., L-1] -> [..., L]: prepend a 0 so that entry t belongs to token t."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(1, 0)])
+
+
+def _check_tokens(tokens, shape, fn, other):
+    if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+        raise TypeError(f"logprobs.{fn}: tokens must be integers, got {jnp.result_type(tokens)}")
+    if tuple(tokens.shape) != tuple(shape):
+        raise ValueError(
+            f"logprobs.{fn}: tokens shape {tuple(tokens.shape)} does not match {other} "
+            f"(expected {tuple(shape)})"
+        )
+
+
+def token_logps(logits, tokens):
+    """Per-token log-probs from full logits.
+
+    Args:
+      logits: [B, L, V] any float dtype (leading dims may be any batch shape).
+      tokens: [B, L] int.
+    Returns:
+      [B, L] float32; entry t = log_softmax(logits[:, t-1])[tokens[:, t]], entry 0 = 0.
+    """
+    if logits.ndim < 2:
+        raise ValueError(f"logprobs.token_logps: logits must be [..., L, V], got {logits.shape}")
+    _check_tokens(tokens, logits.shape[:-1], "token_logps", f"logits {tuple(logits.shape)}")
+    vocab_size = logits.shape[-1]
+    logits = logits[..., :-1, :].astype(jnp.float32)
+    targets = tokens[..., 1:]
+    valid = (targets >= 0) & (targets < vocab_size)
+    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, vocab_size - 1)[..., None], axis=-1)[
+        ..., 0
+    ]
+    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    return _shift_right(jnp.where(valid, logps, jnp.nan))
+
+
+# ----------------------------------------------------------------------------------------
+# Memory-efficient path: chunked over the sequence (lax.map / scan) and optionally over the
+# vocabulary (online logsumexp), with a custom VJP that recomputes softmax chunk by chunk.
+# Internal layout: h [C, B, c, D] (C chunks of c positions), targets [C, B, c],
+# w [D, Vp] (V padded to a multiple of the vocab chunk vc).
+# ----------------------------------------------------------------------------------------
+
+
+def _vocab_block(w, j, vc):
+    """Columns [j*vc, (j+1)*vc) of w [D, Vp]; w itself when there is a single block."""
+    return w if w.shape[1] == vc else lax.dynamic_slice_in_dim(w, j * vc, vc, axis=1)
+
+
+def _block_logits(h, w, j, vocab_size, vc):
+    """h [B, c, D] -> (logits [B, c, vc] float32 of vocab block j, column ids [vc])."""
+    logits = jnp.einsum(
+        "bcd,dv->bcv", h, _vocab_block(w, j, vc), preferred_element_type=jnp.float32
+    )
+    cols = j * vc + jnp.arange(vc)
+    # Columns that only pad V up to a multiple of vc must not enter the logsumexp.
+    return jnp.where(cols < vocab_size, logits, -jnp.inf), cols
+
+
+def _chunk_forward(h, targets, w, vocab_size, vc):
+    """One sequence chunk: h [B, c, D], targets [B, c] -> (logps [B, c], lse [B, c])."""
+
+    def block(carry, j):
+        running_max, sum_exp, picked = carry
+        logits, cols = _block_logits(h, w, j, vocab_size, vc)
+        new_max = jnp.maximum(running_max, logits.max(-1))
+        sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(
+            logits - new_max[..., None]
+        ).sum(-1)
+        picked = picked + jnp.where(cols == targets[..., None], logits, 0.0).sum(-1)
+        return (new_max, sum_exp, picked), None
+
+    zeros = jnp.zeros(targets.shape, jnp.float32)
+    init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros)
+    (running_max, sum_exp, picked), _ = lax.scan(block, init, jnp.arange(w.shape[1] // vc))
+    lse = running_max + jnp.log(sum_exp)
+    valid = (targets >= 0) & (targets < vocab_size)
+    return jnp.where(valid, picked - lse, jnp.nan), lse
+
+
+def _chunked_logps_fwd(h, w, targets, vocab_size, vc):
+    logps, lse = lax.map(lambda xs: _chunk_forward(xs[0], xs[1], w, vocab_size, vc), (h, targets))
+    return logps, (h, w, targets, lse)
+
+
+def _chunked_logps_bwd(vocab_size, vc, residuals, g):
+    h, w, targets, lse = residuals
+    compute_dtype = jnp.result_type(h, w)
+    # Invalid targets gave a constant NaN: no gradient flows from them.
+    g = jnp.where((targets >= 0) & (targets < vocab_size), g, 0.0).astype(jnp.float32)
+
+    def chunk(dw, xs):
+        h_c, targets_c, lse_c, g_c = xs
+
+        def block(carry, j):
+            dh, dw = carry
+            logits, cols = _block_logits(h_c, w, j, vocab_size, vc)
+            # d logp / d logits = onehot(target) - softmax, recomputed from the saved lse.
+            probs = jnp.exp(logits - lse_c[..., None])
+            onehot = (cols == targets_c[..., None]).astype(jnp.float32)
+            # Like autodiff of a matmul in the compute dtype: cotangent cast, f32 accumulation.
+            dlogits = (g_c[..., None] * (onehot - probs)).astype(compute_dtype)
+            dh = dh + jnp.einsum(
+                "bcv,dv->bcd", dlogits, _vocab_block(w, j, vc), preferred_element_type=jnp.float32
+            )
+            dw_j = jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
+            if w.shape[1] == vc:
+                dw = dw + dw_j
+            else:
+                dw_j = _vocab_block(dw, j, vc) + dw_j
+                dw = lax.dynamic_update_slice_in_dim(dw, dw_j, j * vc, axis=1)
+            return (dh, dw), None
+
+        init = (jnp.zeros(h_c.shape, jnp.float32), dw)
+        (dh, dw), _ = lax.scan(block, init, jnp.arange(w.shape[1] // vc))
+        return dw, dh.astype(h.dtype)
+
+    dw, dh = lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), (h, targets, lse, g))
+    return dh, dw.astype(w.dtype), None
+
+
+# vocab_size and vc are static Python ints, hence nondiff arguments.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_logps(h, w, targets, vocab_size, vc):
+    return _chunked_logps_fwd(h, w, targets, vocab_size, vc)[0]
+
+
+_chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
+
+
+def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_chunk_size=None):
+    """Per-token log-probs from final hidden states, without materialising [B, L, V].
+
+    Equals `token_logps(hidden @ unembed, tokens)` (with the matmul accumulated in float32)
+    and has the same gradients w.r.t. hidden and unembed. Peak extra memory is about
+    B * chunk_size * vocab_chunk_size float32 values per live buffer plus a float32 [D, V]
+    gradient accumulator, instead of several [B, L, V] float32 arrays.
+
+    Args:
+      hidden: [B, L, D] float (leading dims may be any batch shape), e.g. bfloat16.
+      unembed: [D, V] float.
+      tokens: [B, L] int.
+      chunk_size: sequence positions per chunk; L need not be a multiple (padded inside).
+      vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks), or
+        None for the whole vocabulary at once. If it does not divide V, the unembedding is
+        padded, which copies it once.
+    Returns:
+      [B, L] float32, same alignment as `token_logps` (entry 0 = 0).
+    """
+    fn = "token_logps_from_features"
+    if hidden.ndim < 2 or unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[0]:
+        raise ValueError(
+            f"logprobs.{fn}: need hidden [..., L, D] and unembed [D, V], got hidden "
+            f"{tuple(hidden.shape)} and unembed {tuple(unembed.shape)}"
+        )
+    _check_tokens(tokens, hidden.shape[:-1], fn, f"hidden {tuple(hidden.shape)}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"logprobs.{fn}: {name} must be a positive int, got {value!r}")
+    *batch_shape, length, width = hidden.shape
+    vocab_size = unembed.shape[1]
+    if length < 2:  # nothing to score: entry 0 is 0 by convention
+        return jnp.zeros(tokens.shape, jnp.float32)
+
+    rows = math.prod(batch_shape)
+    n = length - 1  # positions 0..L-2 predict tokens 1..L-1
+    c = min(chunk_size, n)
+    num_chunks = -(-n // c)
+    pad = num_chunks * c - n
+    h = jnp.pad(hidden.reshape(rows, length, width)[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens.reshape(rows, length)[:, 1:], ((0, 0), (0, pad)))
+    # Chunk axis first, rows kept inside each chunk so a batch sharding survives the loop.
+    h = h.reshape(rows, num_chunks, c, width).swapaxes(0, 1)
+    targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
+
+    vc = vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
+    vocab_pad = -vocab_size % vc
+    w = jnp.pad(unembed, ((0, 0), (0, vocab_pad))) if vocab_pad else unembed
+
+    logps = _chunked_logps(h, w, targets, vocab_size, vc)  # [C, rows, c]
+    logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)[:, :n]
+    return _shift_right(logps).reshape(tokens.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Masked reductions. Masks are 0/1 (any dtype); entries where mask == 0 are dropped with
+# `where`, so a NaN or inf there never reaches the result or its gradient.
+# ----------------------------------------------------------------------------------------
+
+
+def _check_same_shape(values, mask, fn):
+    if tuple(values.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"logprobs.{fn}: values shape {tuple(values.shape)} != mask shape {tuple(mask.shape)}"
+        )
+
+
+def masked_sum(values, mask):
+    """Per-sequence sum of scored entries: values, mask [B, L] -> [B] float32.
+
+    With token log-probs this is the sequence log-prob, e.g. `chosen_logps`.
+    """
+    _check_same_shape(values, mask, "masked_sum")
+    return jnp.where(mask != 0, values.astype(jnp.float32), 0.0).sum(-1)
+
+
+def token_counts(mask):
+    """Number of scored tokens per sequence: mask [B, L] -> [B] float32."""
+    return (mask != 0).sum(-1).astype(jnp.float32)
+
+
+def masked_mean(values, mask):
+    """Per-sequence mean over scored entries: [B, L] -> [B] float32 (0 where none scored)."""
+    _check_same_shape(values, mask, "masked_mean")
+    return masked_sum(values, mask) / jnp.maximum(token_counts(mask), 1.0)
+
+
+def pair_sums(values, slot_ids, num_pairs, mask=None):
+    """Sums a packed batch's values into preference-pair slots.
+
+    Args:
+      values: [R, L] (e.g. token log-probs of a packed batch).
+      slot_ids: [R, L] int, 2 * pair + side (side 0 = chosen, 1 = rejected), -1 = ignore.
+      num_pairs: static int B, the batch's pair capacity.
+      mask: optional [R, L] 0/1 (e.g. loss_mask); 0 entries are dropped.
+    Returns:
+      [B, 2] float32: [:, 0] chosen sums, [:, 1] rejected sums. `pair_sums(loss_mask,
+      slot_ids, B)` gives the scored-token counts. Slot ids >= 2 * B are dropped.
+    """
+    _check_same_shape(values, slot_ids, "pair_sums")
+    keep = slot_ids >= 0
+    if mask is not None:
+        _check_same_shape(values, mask, "pair_sums")
+        keep = keep & (mask != 0)
+    values = jnp.where(keep, values.astype(jnp.float32), 0.0)
+    num_slots = 2 * num_pairs
+    # Ignored entries go to an out-of-range slot, which segment_sum drops.
+    slots = jnp.where(keep, slot_ids, num_slots)
+    sums = jax.ops.segment_sum(values.reshape(-1), slots.reshape(-1), num_segments=num_slots)
+    return sums.reshape(num_pairs, 2)
