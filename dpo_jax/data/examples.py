@@ -26,20 +26,28 @@ class PreferenceExample:
     """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) response.
 
     The full chosen text is `prompt + chosen` (no separator is inserted).
+    `templated` is True when the text was rendered by a chat template: the template then
+    decides BOS and end-of-turn tokens, so tokenization adds neither BOS nor EOS (as TRL
+    does for conversational data).
     """
 
     prompt: str
     chosen: str
     rejected: str
+    templated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class UnpairedExample:
-    """A prompt with one completion and a desirable (True) / undesirable (False) label (KTO)."""
+    """A prompt with one completion and a desirable (True) / undesirable (False) label (KTO).
+
+    `templated`: as in `PreferenceExample`.
+    """
 
     prompt: str
     completion: str
     label: bool
+    templated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,7 @@ class SFTExample:
 
     prompt: str
     completion: str
+    templated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
