@@ -1,0 +1,436 @@
+"""Static-shape numpy batches of tokenized pairs (padded or packed) and of SFT sequences.
+
+Every array is int32 (ref_logps float32) and its shape comes from a small fixed set, so
+the jitted train step compiles a handful of programs at most.
+
+Padded preference batch, B pairs (axis P: 0 = chosen, 1 = rejected):
+  tokens, positions, segment_ids, loss_mask: [B, 2, L]; pair_mask: [B];
+  optional ref_logps: [B, 2] float32.
+Packed preference batch, capacity B pairs in R rows of length L:
+  tokens, positions, segment_ids, loss_mask, slot_ids: [R, L]; pair_mask: [B];
+  optional ref_logps: [B, 2] float32.
+SFT batch, B sequences: tokens, positions, segment_ids, loss_mask: [B, L];
+  example_mask: [B].
+
+Alignment (shared with dpo_jax.logprobs): loss_mask[t] = 1 marks token t as scored, its
+log-prob being log p(tokens[t] | tokens[<t]). Only response tokens (incl. EOS) are scored,
+so every sequence needs at least one prompt token (typically BOS) in front of its response:
+a sequence's first token has no context and can never be scored.
+
+Padding: tokens = pad_id, positions = 0, segment_ids = 0, loss_mask = 0, slot_ids = -1.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from dpo_jax.data.examples import TokenizedPair, TokenizedSequence
+
+SIDES = ("chosen", "rejected")
+
+# ----------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------
+
+
+def allowed_lengths(
+    max_length: int,
+    *,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+) -> list[int]:
+    """The sorted set of lengths L that padded batches may take (one jit shape each).
+
+    No option: [max_length] (one shape). `pad_to_multiple_of=m`: m, 2m, ... below
+    max_length, then max_length. `buckets`: the given boundaries plus max_length.
+    """
+    if max_length < 2:
+        raise ValueError(
+            f"max_length must be >= 2 (one prompt + one response token), got {max_length}"
+        )
+    if pad_to_multiple_of is not None and buckets is not None:
+        raise ValueError("pass either pad_to_multiple_of or buckets, not both")
+    if pad_to_multiple_of is not None:
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        return list(range(pad_to_multiple_of, max_length, pad_to_multiple_of)) + [max_length]
+    if buckets is not None:
+        bad = [b for b in buckets if not 1 <= b <= max_length]
+        if bad:
+            raise ValueError(
+                f"bucket boundaries must lie in [1, max_length={max_length}], got {bad}"
+            )
+        return sorted(set(buckets) | {max_length})
+    return [max_length]
+
+
+def _padded_length(longest: int, lengths: list[int]) -> int:
+    """Smallest allowed length >= longest (the caller checked longest <= lengths[-1])."""
+    return lengths[bisect.bisect_left(lengths, longest)]
+
+
+# ----------------------------------------------------------------------------------------
+# Validation: bad pairs get an error naming the pair, never a shape error later
+# ----------------------------------------------------------------------------------------
+
+
+def _as_ids(ids, what: str) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{what} must be a flat list of integer token ids, got {ids!r}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{what} has token ids outside [0, 2**31): {ids!r}")
+    return arr.astype(np.int32)
+
+
+def _check_prompt_response(prompt, response, where: str, response_name: str):
+    prompt = _as_ids(prompt, f"{where}: prompt_ids")
+    response = _as_ids(response, f"{where}: {response_name}")
+    if prompt.size == 0:
+        raise ValueError(
+            f"{where}: prompt_ids is empty; a sequence's first token cannot be scored, so "
+            "at least one prompt token (e.g. BOS) must precede the response"
+        )
+    if response.size == 0:
+        raise ValueError(f"{where}: {response_name} is empty; there is nothing to score")
+    return prompt, response
+
+
+def _pair_sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[tuple, tuple]]:
+    """Per pair, per side: (prompt ids, response ids) as int32 arrays, validated."""
+    out = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, TokenizedPair):
+            raise TypeError(f"pair {i}: expected TokenizedPair, got {type(pair).__name__}")
+        out.append(
+            tuple(
+                _check_prompt_response(
+                    pair.prompt_ids, getattr(pair, f"{side}_ids"), f"pair {i}", f"{side}_ids"
+                )
+                for side in SIDES
+            )
+        )
+    return out
+
+
+def _check_ref_logps(ref_logps, num_items: int) -> np.ndarray:
+    ref = np.asarray(ref_logps, dtype=np.float32)
+    if ref.shape != (num_items, 2):
+        raise ValueError(f"ref_logps must have shape ({num_items}, 2), got {ref.shape}")
+    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
+    if bad.size:
+        raise ValueError(f"ref_logps of pair {int(bad[0])} is not finite: {ref[bad[0]].tolist()}")
+    return ref
+
+
+def _fill_row(
+    batch: dict, index, start: int, prompt: np.ndarray, response: np.ndarray, segment: int
+):
+    """Writes prompt + response at [*index, start:start + len] of every per-token array."""
+    n_prompt, n = prompt.size, prompt.size + response.size
+    where = (*index, slice(start, start + n))
+    batch["tokens"][where] = np.concatenate([prompt, response])
+    batch["positions"][where] = np.arange(n, dtype=np.int32)
+    batch["segment_ids"][where] = segment
+    batch["loss_mask"][(*index, slice(start + n_prompt, start + n))] = 1
+
+
+def _empty_token_arrays(shape: tuple[int, ...], pad_id: int) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "loss_mask": np.zeros(shape, np.int32),
+    }
+
+
+def _check_batch_size(num_items: int, batch_size: int | None, what: str) -> int:
+    if batch_size is None:
+        if num_items == 0:
+            raise ValueError(f"no {what} to batch (pass batch_size for an all-padding batch)")
+        return num_items
+    if num_items > batch_size:
+        raise ValueError(f"got {num_items} {what} for batch_size={batch_size}")
+    return batch_size
+
+
+# ----------------------------------------------------------------------------------------
+# Padded preference batches
+# ----------------------------------------------------------------------------------------
+
+
+def pad_pairs(
+    pairs: Sequence[TokenizedPair],
+    *,
+    max_length: int,
+    pad_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    ref_logps=None,
+) -> dict[str, np.ndarray]:
+    """Padded batch of pairs: arrays [B, 2, L] (see module docstring), pair_mask [B].
+
+    B = batch_size (padding pairs, all zero with pair_mask 0, fill the rest) or len(pairs).
+    L = the smallest of `allowed_lengths(max_length, ...)` holding the longest sequence.
+    A sequence longer than max_length is an error naming the pair: truncation is the
+    tokenizer's job, and silently cutting here would score a partial response.
+    `ref_logps`: optional [len(pairs), 2] cached reference sums, copied to batch["ref_logps"].
+    """
+    lengths = allowed_lengths(max_length, pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    seqs = _pair_sequences(pairs)
+    B = _check_batch_size(len(seqs), batch_size, "pairs")
+    longest = 0
+    for i, sides in enumerate(seqs):
+        for side, (prompt, response) in zip(SIDES, sides, strict=True):
+            n = prompt.size + response.size
+            if n > max_length:
+                raise ValueError(
+                    f"pair {i}: {side} sequence has {n} tokens ({prompt.size} prompt + "
+                    f"{response.size} response) > max_length={max_length}"
+                )
+            longest = max(longest, n)
+    L = _padded_length(max(longest, 1), lengths)
+
+    batch = _empty_token_arrays((B, 2, L), pad_id)
+    for i, sides in enumerate(seqs):
+        for p, (prompt, response) in enumerate(sides):
+            _fill_row(batch, (i, p), 0, prompt, response, segment=1)
+    batch["pair_mask"] = (np.arange(B) < len(seqs)).astype(np.int32)
+    if ref_logps is not None:
+        batch["ref_logps"] = np.zeros((B, 2), np.float32)
+        batch["ref_logps"][: len(seqs)] = _check_ref_logps(ref_logps, len(seqs))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Packed preference batches
+# ----------------------------------------------------------------------------------------
+
+
+class PackingPlan(NamedTuple):
+    """Where each packed sequence goes.
+
+    rows[r]: the (pair slot, side) of each segment of row r, in row order (segment ids
+      1, 2, ... in that order). Pair slot b is the b-th packed pair.
+    packed: input indices of the packed pairs, ascending; packed[b] is pair slot b.
+    leftover: input indices of the pairs that did not fit, ascending.
+    """
+
+    rows: list[list[tuple[int, int]]]
+    packed: list[int]
+    leftover: list[int]
+
+
+def plan_packing(
+    pairs: Sequence[TokenizedPair], *, num_rows: int, row_length: int, max_pairs: int
+) -> PackingPlan:
+    """First-fit-decreasing placement of whole pairs into `num_rows` rows of `row_length`.
+
+    The unit of packing is a sequence (prompt + one response), so a pair's two sequences
+    may land in different rows, but a pair is packed whole or not at all. Pairs are
+    visited in order of decreasing total length (ties: input order), each placing its
+    longer sequence first into the first row with room, then the other one; a pair that
+    does not fit, or exceeds max_pairs, is left over.
+
+    Exception to the order: pairs[0] is placed first. It always fits into the empty rows
+    (a pair that fits into no empty batch is an error, like an over-long sequence),
+    so each call packs at least one pair, and a caller that puts the returned leftovers in
+    front of new pairs never starves a pair (its position in the list only decreases).
+    FFD rather than plain first-fit because the input is usually a buffer larger than one
+    batch, and big-items-first leaves far less padding.
+    """
+    if num_rows < 1 or max_pairs < 1:
+        raise ValueError(f"num_rows and max_pairs must be >= 1, got {num_rows}, {max_pairs}")
+    if row_length < 2:
+        raise ValueError(f"row_length must be >= 2, got {row_length}")
+    seqs = _pair_sequences(pairs)
+    sizes = []
+    for i, sides in enumerate(seqs):
+        pair_sizes = [prompt.size + response.size for prompt, response in sides]
+        for side, n in zip(SIDES, pair_sizes, strict=True):
+            if n > row_length:
+                raise ValueError(
+                    f"pair {i}: {side} sequence has {n} tokens > row_length={row_length}; "
+                    "it fits in no row (truncate it when tokenizing or raise row_length)"
+                )
+        if num_rows == 1 and sum(pair_sizes) > row_length:
+            # It would never fit, not even into an empty batch: an error, not an endless leftover.
+            raise ValueError(
+                f"pair {i}: chosen + rejected sequences have {sum(pair_sizes)} tokens > "
+                f"row_length={row_length}, and with num_rows=1 both must share the row"
+            )
+        sizes.append(pair_sizes)
+
+    order = sorted(range(1, len(seqs)), key=lambda i: -sum(sizes[i]))
+    if seqs:
+        order.insert(0, 0)
+    free = [row_length] * num_rows
+    placement: dict[int, list[int]] = {}  # pair index -> row of [chosen, rejected]
+    for i in order:
+        if len(placement) == max_pairs:
+            break
+        rows = [-1, -1]
+        for side in sorted((0, 1), key=lambda p: -sizes[i][p]):
+            row = next((r for r in range(num_rows) if free[r] >= sizes[i][side]), -1)
+            if row < 0:
+                break
+            free[row] -= sizes[i][side]
+            rows[side] = row
+        else:
+            placement[i] = rows
+            continue
+        for side, row in enumerate(rows):  # undo the half-placed pair
+            if row >= 0:
+                free[row] += sizes[i][side]
+
+    packed = sorted(placement)
+    plan_rows: list[list[tuple[int, int]]] = [[] for _ in range(num_rows)]
+    for slot, i in enumerate(packed):
+        for side, row in enumerate(placement[i]):
+            plan_rows[row].append((slot, side))
+    leftover = [i for i in range(len(seqs)) if i not in placement]
+    return PackingPlan(rows=plan_rows, packed=packed, leftover=leftover)
+
+
+def packed_batch(
+    pairs: Sequence[TokenizedPair],
+    plan: PackingPlan,
+    *,
+    row_length: int,
+    max_pairs: int,
+    pad_id: int = 0,
+    ref_logps=None,
+) -> dict[str, np.ndarray]:
+    """Builds the packed batch (arrays [R, L], pair_mask [B = max_pairs]) that `plan` describes.
+
+    `ref_logps`: optional [len(pairs), 2] cached reference sums aligned with `pairs`;
+    batch["ref_logps"][b] = ref_logps[plan.packed[b]], zeros for empty pair slots.
+    """
+    seqs = _pair_sequences(pairs)
+    batch = _empty_token_arrays((len(plan.rows), row_length), pad_id)
+    batch["slot_ids"] = np.full((len(plan.rows), row_length), -1, np.int32)
+    for r, segments in enumerate(plan.rows):
+        start = 0
+        for segment, (slot, side) in enumerate(segments, start=1):
+            prompt, response = seqs[plan.packed[slot]][side]
+            n = prompt.size + response.size
+            if start + n > row_length:
+                raise ValueError(f"packing plan overfills row {r} (length {row_length})")
+            _fill_row(batch, (r,), start, prompt, response, segment)
+            batch["slot_ids"][r, start : start + n] = 2 * slot + side
+            start += n
+    if len(plan.packed) > max_pairs:
+        raise ValueError(f"packing plan holds {len(plan.packed)} pairs > max_pairs={max_pairs}")
+    batch["pair_mask"] = (np.arange(max_pairs) < len(plan.packed)).astype(np.int32)
+    if ref_logps is not None:
+        ref = _check_ref_logps(ref_logps, len(seqs))
+        batch["ref_logps"] = np.zeros((max_pairs, 2), np.float32)
+        batch["ref_logps"][: len(plan.packed)] = ref[plan.packed]
+    return batch
+
+
+def pack_pairs(
+    pairs: Sequence[TokenizedPair],
+    *,
+    num_rows: int,
+    row_length: int,
+    max_pairs: int,
+    pad_id: int = 0,
+) -> tuple[dict[str, np.ndarray], list[TokenizedPair]]:
+    """Packs as many pairs as fit (see `plan_packing`); returns (batch, leftover pairs).
+
+    Leftover pairs keep their input order; pass them first in the next call so none is
+    ever dropped or starved. Pair slot b of the batch holds the b-th packed pair in input
+    order. To carry per-pair side data (e.g. cached ref_logps), use `plan_packing` and
+    `packed_batch`, which work with input indices.
+    """
+    plan = plan_packing(pairs, num_rows=num_rows, row_length=row_length, max_pairs=max_pairs)
+    batch = packed_batch(pairs, plan, row_length=row_length, max_pairs=max_pairs, pad_id=pad_id)
+    return batch, [pairs[i] for i in plan.leftover]
+
+
+# ----------------------------------------------------------------------------------------
+# SFT batches
+# ----------------------------------------------------------------------------------------
+
+
+def pad_sequences(
+    seqs: Sequence[TokenizedSequence],
+    *,
+    max_length: int,
+    pad_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Padded SFT batch: tokens, positions, segment_ids, loss_mask [B, L]; example_mask [B].
+
+    loss_mask is 1 on completion tokens (incl. EOS). B and L follow the rules of `pad_pairs`.
+    """
+    lengths = allowed_lengths(max_length, pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    checked = []
+    for i, seq in enumerate(seqs):
+        if not isinstance(seq, TokenizedSequence):
+            raise TypeError(f"sequence {i}: expected TokenizedSequence, got {type(seq).__name__}")
+        prompt, completion = _check_prompt_response(
+            seq.prompt_ids, seq.completion_ids, f"sequence {i}", "completion_ids"
+        )
+        if prompt.size + completion.size > max_length:
+            raise ValueError(
+                f"sequence {i}: {prompt.size + completion.size} tokens ({prompt.size} prompt + "
+                f"{completion.size} completion) > max_length={max_length}"
+            )
+        checked.append((prompt, completion))
+    B = _check_batch_size(len(checked), batch_size, "sequences")
+    longest = max((p.size + c.size for p, c in checked), default=1)
+    L = _padded_length(longest, lengths)
+    batch = _empty_token_arrays((B, L), pad_id)
+    for i, (prompt, completion) in enumerate(checked):
+        _fill_row(batch, (i,), 0, prompt, completion, segment=1)
+    batch["example_mask"] = (np.arange(B) < len(checked)).astype(np.int32)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Unpacking and metrics (numpy references; the jitted versions live in dpo_jax.logprobs)
+# ----------------------------------------------------------------------------------------
+
+
+def is_packed(batch: dict) -> bool:
+    return "slot_ids" in batch
+
+
+def pair_sums(values: np.ndarray, batch: dict) -> np.ndarray:
+    """Per-pair sums of `values` over scored (loss_mask) tokens -> [B, 2] float64.
+
+    values: [B, 2, L] for a padded batch, [R, L] for a packed one (same shape as tokens).
+    Packed: numpy reference of `dpo_jax.logprobs.pair_sums` applied to values * loss_mask.
+    """
+    values = np.asarray(values)
+    if values.shape != batch["tokens"].shape:
+        raise ValueError(f"values shape {values.shape} != tokens shape {batch['tokens'].shape}")
+    masked = values.astype(np.float64) * batch["loss_mask"]
+    num_pairs = batch["pair_mask"].shape[0]
+    if not is_packed(batch):
+        return masked.sum(axis=-1)
+    slots = batch["slot_ids"].reshape(-1)
+    keep = slots >= 0
+    sums = np.zeros(2 * num_pairs, np.float64)
+    np.add.at(sums, slots[keep], masked.reshape(-1)[keep])
+    return sums.reshape(num_pairs, 2)
+
+
+def pair_token_counts(batch: dict) -> np.ndarray:
+    """Scored tokens per pair and side -> [B, 2] (chosen_lengths, rejected_lengths)."""
+    return pair_sums(np.ones(batch["tokens"].shape), batch)
+
+
+def padding_fraction(batch: dict) -> float:
+    """Fraction of token slots that are padding (segment id 0), padding pairs included."""
+    segment_ids = batch["segment_ids"]
+    return float(np.mean(segment_ids == 0)) if segment_ids.size else 0.0
