@@ -2,5 +2,7 @@
 
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import DecoderLM
+from dpo_jax.models.hf import from_hf, to_hf
+from dpo_jax.models.hf_config import HFCheckpointError
 
-__all__ = ["DecoderLM", "ModelConfig"]
+__all__ = ["DecoderLM", "HFCheckpointError", "ModelConfig", "from_hf", "to_hf"]

@@ -1,0 +1,312 @@
+"""Hugging Face checkpoint import (`from_hf`) and export (`to_hf`), safetensors only.
+
+Reads a local directory (config.json + model.safetensors or a sharded
+model.safetensors.index.json) with safetensors' numpy API: no torch at run time.
+
+Policy for tensors in the checkpoint that we do not use: known non-weight buffers (rotary
+`inv_freq`, GPT-2 / GPT-NeoX causal-mask `attn.bias` / `masked_bias`) and a redundant
+`lm_head.weight` of a tied model are ignored; any other leftover tensor is a real weight we
+would silently drop, so it raises `HFCheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.decoder import DecoderLM
+from dpo_jax.models.hf_config import (
+    HFCheckpointError,
+    check_exportable,
+    config_from_hf,
+    config_to_hf,
+)
+
+_IGNORED = re.compile(
+    r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias)|(^|\.)attention\.(bias|masked_bias))$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One HF tensor <-> one or more of our params (fused qkv splits into three)."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    paths: tuple[tuple[str, ...], ...]
+    split: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    join: Callable[..., np.ndarray]
+
+
+def _direct(hf_name, path, shape, hf_shape=None):
+    hf_shape = tuple(hf_shape or shape)
+    return _Entry(
+        hf_name, hf_shape, (path,), lambda a: (a.reshape(shape),), lambda a: a.reshape(hf_shape)
+    )
+
+
+def _linear(hf_name, path, shape, n_in=1):
+    """torch.nn.Linear weight [out, in] <-> our kernel [*in dims (n_in of them), *out dims]."""
+    d_in = int(np.prod(shape[:n_in]))
+    d_out = int(np.prod(shape[n_in:]))
+    return _Entry(
+        hf_name,
+        (d_out, d_in),
+        (path,),
+        lambda a: (a.T.reshape(shape),),
+        lambda a: a.reshape(d_in, d_out).T,
+    )
+
+
+def _llama_entries(cfg: ModelConfig) -> list[_Entry]:
+    D, N, K, H, F, V = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+    )
+    out = [
+        _direct("model.embed_tokens.weight", ("embedding",), (V, D)),
+        _direct("model.norm.weight", ("final_norm", "scale"), (D,)),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(_linear("lm_head.weight", ("lm_head",), (D, V)))
+    for i in range(cfg.num_layers):
+        hf, me = f"model.layers.{i}.", f"layers_{i}"
+        out += [
+            _direct(hf + "input_layernorm.weight", (me, "attn_norm", "scale"), (D,)),
+            _direct(hf + "post_attention_layernorm.weight", (me, "mlp_norm", "scale"), (D,)),
+            _linear(hf + "self_attn.o_proj.weight", (me, "attn", "o_kernel"), (N, H, D), 2),
+        ]
+        for name, heads in (("q", N), ("k", K), ("v", K)):
+            proj = f"{hf}self_attn.{name}_proj."
+            out.append(_linear(proj + "weight", (me, "attn", f"{name}_kernel"), (D, heads, H)))
+            if cfg.qkv_bias:
+                bias_path = (me, "attn", f"{name}_bias")
+                out.append(_direct(proj + "bias", bias_path, (heads, H), (heads * H,)))
+        if cfg.out_bias:
+            out.append(_direct(hf + "self_attn.o_proj.bias", (me, "attn", "o_bias"), (D,)))
+        for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D))):
+            out.append(_linear(f"{hf}mlp.{name}_proj.weight", (me, "mlp", f"{name}_kernel"), shape))
+            if cfg.mlp_bias:
+                bias_path = (me, "mlp", f"{name}_bias")
+                out.append(_direct(f"{hf}mlp.{name}_proj.bias", bias_path, shape[-1:]))
+    return out
+
+
+def _layer_norm(hf_prefix, path, d):
+    return [
+        _direct(hf_prefix + ".weight", (*path, "scale"), (d,)),
+        _direct(hf_prefix + ".bias", (*path, "bias"), (d,)),
+    ]
+
+
+def _gpt2_entries(cfg: ModelConfig, prefix: str) -> list[_Entry]:
+    D, N, H, F, V = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    out = [
+        _direct(prefix + "wte.weight", ("embedding",), (V, D)),
+        _direct(prefix + "wpe.weight", ("pos_embedding",), (cfg.max_position_embeddings, D)),
+        *_layer_norm(prefix + "ln_f", ("final_norm",), D),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(_linear("lm_head.weight", ("lm_head",), (D, V)))
+    for i in range(cfg.num_layers):
+        hf, me = f"{prefix}h.{i}.", f"layers_{i}"
+        qkv = tuple((me, "attn", f"{n}_kernel") for n in "qkv")
+        qkv_b = tuple((me, "attn", f"{n}_bias") for n in "qkv")
+        # HF Conv1D stores [in, out]; out is q|k|v, each head-major [N, H].
+        out += [
+            *_layer_norm(hf + "ln_1", (me, "attn_norm"), D),
+            *_layer_norm(hf + "ln_2", (me, "mlp_norm"), D),
+            _Entry(
+                hf + "attn.c_attn.weight",
+                (D, 3 * D),
+                qkv,
+                lambda a: tuple(a.reshape(D, 3, N, H)[:, j] for j in range(3)),
+                lambda *ws: np.stack(ws, axis=1).reshape(D, 3 * D),
+            ),
+            _Entry(
+                hf + "attn.c_attn.bias",
+                (3 * D,),
+                qkv_b,
+                lambda a: tuple(a.reshape(3, N, H)),
+                lambda *bs: np.stack(bs).reshape(3 * D),
+            ),
+            _direct(hf + "attn.c_proj.weight", (me, "attn", "o_kernel"), (N, H, D), (D, D)),
+            _direct(hf + "attn.c_proj.bias", (me, "attn", "o_bias"), (D,)),
+            _direct(hf + "mlp.c_fc.weight", (me, "mlp", "up_kernel"), (D, F)),
+            _direct(hf + "mlp.c_fc.bias", (me, "mlp", "up_bias"), (F,)),
+            _direct(hf + "mlp.c_proj.weight", (me, "mlp", "down_kernel"), (F, D)),
+            _direct(hf + "mlp.c_proj.bias", (me, "mlp", "down_bias"), (D,)),
+        ]
+    return out
+
+
+def _neox_entries(cfg: ModelConfig) -> list[_Entry]:
+    D, N, H, F, V = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+    out = [
+        _direct("gpt_neox.embed_in.weight", ("embedding",), (V, D)),
+        *_layer_norm("gpt_neox.final_layer_norm", ("final_norm",), D),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(_linear("embed_out.weight", ("lm_head",), (D, V)))
+    for i in range(cfg.num_layers):
+        hf, me = f"gpt_neox.layers.{i}.", f"layers_{i}"
+        # Fused Linear output is laid out per head as [N, 3, H] (q, k, v interleaved per head).
+        out += [
+            *_layer_norm(hf + "input_layernorm", (me, "attn_norm"), D),
+            *_layer_norm(hf + "post_attention_layernorm", (me, "mlp_norm"), D),
+            _Entry(
+                hf + "attention.query_key_value.weight",
+                (3 * D, D),
+                tuple((me, "attn", f"{n}_kernel") for n in "qkv"),
+                lambda a: tuple(a.T.reshape(D, N, 3, H)[:, :, j] for j in range(3)),
+                lambda *ws: np.stack(ws, axis=2).reshape(D, 3 * D).T,
+            ),
+            _linear(hf + "attention.dense.weight", (me, "attn", "o_kernel"), (N, H, D), 2),
+            _linear(hf + "mlp.dense_h_to_4h.weight", (me, "mlp", "up_kernel"), (D, F)),
+            _direct(hf + "mlp.dense_h_to_4h.bias", (me, "mlp", "up_bias"), (F,)),
+            _linear(hf + "mlp.dense_4h_to_h.weight", (me, "mlp", "down_kernel"), (F, D)),
+            _direct(hf + "mlp.dense_4h_to_h.bias", (me, "mlp", "down_bias"), (D,)),
+        ]
+        if cfg.qkv_bias:
+            out.append(
+                _Entry(
+                    hf + "attention.query_key_value.bias",
+                    (3 * D,),
+                    tuple((me, "attn", f"{n}_bias") for n in "qkv"),
+                    lambda a: tuple(a.reshape(N, 3, H)[:, j] for j in range(3)),
+                    lambda *bs: np.stack(bs, axis=1).reshape(3 * D),
+                )
+            )
+        if cfg.out_bias:
+            out.append(_direct(hf + "attention.dense.bias", (me, "attn", "o_bias"), (D,)))
+    return out
+
+
+def weight_entries(cfg: ModelConfig, gpt2_prefix: str = "transformer.") -> list[_Entry]:
+    if cfg.family == "gpt2":
+        return _gpt2_entries(cfg, gpt2_prefix)
+    if cfg.family == "gpt_neox":
+        return _neox_entries(cfg)
+    return _llama_entries(cfg)
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the shard index or the single file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise HFCheckpointError(
+            f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not supported)"
+        )
+    names = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="numpy") as f:
+            names.update({name: os.path.join(path, file) for name in f.keys()})
+    return names
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, dict[str, Any]]:
+    """Load a local Hugging Face checkpoint directory.
+
+    Returns `(model, params)`: `params` is a nested dict of host numpy float32 arrays (put
+    them on devices with your own shardings). `dtype` is the compute dtype; `overrides`
+    replace other `ModelConfig` fields (e.g. remat=True). Raises `HFCheckpointError`
+    (a ValueError) for unsupported configs and missing, mis-shaped or unused tensors.
+    """
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise HFCheckpointError(f"{path}: no config.json")
+    with open(config_path) as f:
+        cfg = config_from_hf(json.load(f), where=config_path, dtype=dtype, **overrides)
+    files = _tensor_files(path)
+    prefix = (
+        "" if cfg.family == "gpt2" and "transformer.wte.weight" not in files else "transformer."
+    )
+    entries = weight_entries(cfg, gpt2_prefix=prefix)
+    missing = [e.hf_name for e in entries if e.hf_name not in files]
+    if missing:
+        raise HFCheckpointError(
+            f"{path}: missing tensor(s) {missing[:10]} for model_type {cfg.family!r} "
+            f"({len(files)} tensors found)"
+        )
+    used = {e.hf_name for e in entries}
+    leftover = sorted(
+        n
+        for n in files
+        if n not in used
+        and not _IGNORED.search(n)
+        and not (cfg.tie_embeddings and n == "lm_head.weight")
+    )
+    if leftover:
+        raise HFCheckpointError(
+            f"{path}: tensor(s) {leftover[:10]} are not used by our {cfg.family!r} model; "
+            "loading would silently drop weights"
+        )
+    params: dict[str, Any] = {}
+    handles: dict[str, Any] = {}
+    try:
+        for e in entries:
+            file = files[e.hf_name]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="numpy").__enter__()
+            shape = tuple(handles[file].get_slice(e.hf_name).get_shape())
+            if shape != e.hf_shape:
+                raise HFCheckpointError(
+                    f"{file}: tensor {e.hf_name!r} has shape {shape}, expected {e.hf_shape} "
+                    f"from config.json"
+                )
+            array = handles[file].get_tensor(e.hf_name).astype(np.float32)
+            for p, value in zip(e.paths, e.split(array), strict=True):
+                _set(params, p, np.ascontiguousarray(value))
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return DecoderLM(cfg), params
+
+
+def to_hf(model: DecoderLM, params, path: str) -> None:
+    """Write config.json + model.safetensors (float32) that transformers loads.
+
+    params: the pytree of `model` (boxed or plain, jax or numpy arrays; gathered to host).
+    """
+    cfg = model.config
+    check_exportable(cfg)
+    params = nn.unbox(params)
+    tensors = {}
+    for e in weight_entries(cfg):
+        values = [np.asarray(_get(params, p), dtype=np.float32) for p in e.paths]
+        tensors[e.hf_name] = np.ascontiguousarray(e.join(*values))
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
