@@ -343,3 +343,45 @@ def test_pair_sums_rejects_wrong_shape():
     batch = batching.pad_pairs([TokenizedPair([1], [2], [3])], max_length=4)
     with pytest.raises(ValueError, match="shape"):
         batching.pair_sums(np.zeros((1, 4)), batch)
+
+
+# --- cross-checks with the neighbouring modules ----------------------------------------
+
+
+def test_numpy_pair_sums_match_logprobs_pair_sums():
+    from dpo_jax import logprobs
+
+    pairs = [
+        TokenizedPair([1, 2], [3, 4, 5], [6]),
+        TokenizedPair([7], [8], [9, 10, 11, 12]),
+        TokenizedPair([1, 2, 3], [4], [5, 6]),
+    ]
+    batch, leftover = batching.pack_pairs(pairs, num_rows=2, row_length=12, max_pairs=4)
+    assert leftover == []
+    values = np.random.default_rng(0).normal(size=batch["tokens"].shape).astype(np.float32)
+    expected = logprobs.pair_sums(
+        values, batch["slot_ids"], batch["pair_mask"].shape[0], mask=batch["loss_mask"]
+    )
+    np.testing.assert_allclose(batching.pair_sums(values, batch), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_synthetic_records_tokenize_and_batch(tmp_path):
+    from dpo_jax.data import synthetic, tokenize
+    from dpo_jax.data.examples import PreferenceExample
+
+    tok = synthetic.build_char_tokenizer(tmp_path / "tok")
+    config = tokenize.TokenizeConfig(max_length=24, max_prompt_length=12)
+    pairs = [
+        tokenize.tokenize_pair(PreferenceExample(**r), tok, config)
+        for r in synthetic.make_preference_records(6, seed=0)
+    ]
+    for pair, record in zip(pairs, synthetic.make_preference_records(6, seed=0), strict=True):
+        assert pair.prompt_ids[0] == tok.bos_token_id
+        assert pair.chosen_ids[-1] == tok.eos_token_id
+        assert tok.decode(pair.chosen_ids[:-1]) == record["chosen"]
+    padded = batching.pad_pairs(pairs, max_length=24, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
+    packed, leftover = batching.pack_pairs(pairs, num_rows=6, row_length=40, max_pairs=6)
+    assert leftover == []
+    counts = [[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
+    np.testing.assert_array_equal(batching.pair_token_counts(padded), counts)
+    np.testing.assert_array_equal(batching.pair_token_counts(packed), counts)
