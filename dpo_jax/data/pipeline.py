@@ -1,0 +1,596 @@
+"""Grain input pipeline: seeded shuffle, epochs, per-process shards, tokenize, static batches.
+
+    source (random access: list of records, tfds data source, ...)
+      -> record index stream: shuffle(seed) per epoch, repeat(num_epochs)     (grain)
+      -> this process's shard: stream positions shard_index, +shard_count, ...
+      -> map: read record -> parse (formats) -> tokenize  = TokenizedPair      (grain threads)
+      -> batch: padded [B, 2, L] or packed [R, L] (batching), a fixed B per process
+
+Why grain `MapDataset` and not `DataLoader`: every stage is a pure function of the stream
+position, so the iterator state is one integer (the next position) plus the positions of
+pairs held back by packing. That state is exact, small and JSON, and restoring it gives
+exactly the batches an uninterrupted run would have given. (`DataLoader` state is the same
+idea, but needs a sampler and its own batching, which would bypass `batching.py`.)
+
+Sharding: the shuffled stream of all epochs is dealt out round-robin: process p of n gets
+positions p, p + n, p + 2n, ... So each epoch is one global permutation (not n separate
+shard shuffles), the processes' shards are disjoint and cover the data, and a step's
+global batch is the same set of records whatever the number of processes. With a finite
+stream, every process yields the same number of records (lockstep for collectives): the
+last one is cut to floor(total / n) records (`drop_remainder=True`) or padded up to
+ceil(total / n) with empty slots that become pair_mask 0 rows.
+
+Partial batches: the last batch is padded with pair_mask = 0 pairs (default) or dropped
+(`drop_remainder=True`). Batches run across epoch boundaries; only the end of the last
+epoch makes a partial batch. Packing (`layout="packed"`) fills R rows from a buffer of
+pairs (first-fit decreasing, `batching.plan_packing`); pairs that do not fit wait in the
+buffer for the next batch. Packed batch counts depend on lengths, so processes may differ
+by a batch at the very end of a finite stream: stop training at a fixed step count.
+
+Bad records (unparsable, or untokenizable, e.g. no room left for the response) follow
+`on_bad_record`: "raise" -> a `RecordError` naming the source, record index and field;
+"skip" -> dropped (the batch is refilled from the next records) and counted in
+`iterator.bad_records` (restored with the state). Skipping makes the processes' record
+counts differ; for a finite multi-process run, stop at a fixed step count.
+
+Threads: `num_threads` grain threads parse and tokenize ahead of the consumer. The default
+(1) keeps a Hugging Face tokenizer from being called concurrently; raise it only for a
+thread-safe `tokenize_fn`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from dpo_jax.data import batching
+from dpo_jax.data.examples import (
+    BadRecordCounter,
+    Location,
+    OnBadRecord,
+    PreferenceExample,
+    RecordError,
+    SFTExample,
+    TokenizedPair,
+    TokenizedSequence,
+)
+from dpo_jax.data.formats import parse_preference, parse_sft
+from dpo_jax.data.tokenize import TokenizeConfig, tokenize_pair, tokenize_sequence
+
+Layout = Literal["padded", "packed"]
+LAYOUTS = ("padded", "packed")
+STATE_VERSION = 1
+
+
+class _EmptySlot:
+    """A stream position past the data, added so that all processes yield equally many."""
+
+    def __repr__(self) -> str:
+        return "<empty slot>"
+
+
+_EMPTY = _EmptySlot()
+
+
+class _Bad:
+    """A record that failed to parse or tokenize; the consumer raises or counts it."""
+
+    def __init__(self, error: RecordError):
+        self.error = error
+
+
+# ----------------------------------------------------------------------------------------
+# Records -> tokenized items
+# ----------------------------------------------------------------------------------------
+
+
+def decode_record(record: Any, location: Location | None = None) -> Any:
+    """Decodes a tfds record's UTF-8 `bytes` (and 0-d numpy values) to plain Python values.
+
+    Other records (dicts of str, examples) are returned unchanged.
+    """
+    if not isinstance(record, Mapping):
+        return record
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError("invalid_utf8", f"not valid UTF-8 ({err.reason})", field=key).at(
+                    location
+                ) from None
+        out[key] = value
+    return out
+
+
+class _Prepare:
+    """Stream element (a source index) -> tokenized item, `_Bad`, or `_EMPTY` unchanged."""
+
+    def __init__(self, source, parse_fn, tokenize_fn, item_type, name: str):
+        self.source = source
+        self.parse_fn = parse_fn
+        self.tokenize_fn = tokenize_fn
+        self.item_type = item_type
+        self.name = name
+
+    def __call__(self, index):
+        if isinstance(index, _EmptySlot):
+            return index
+        index = int(index)
+        location = Location(self.name, index, "record")
+        try:
+            record = self.source[index]
+            if isinstance(record, self.item_type):
+                return record
+            record = decode_record(record, location)
+            example = self.parse_fn(record, location)
+            item = self.tokenize_fn(example)
+            if not isinstance(item, self.item_type):
+                raise TypeError(
+                    f"{location}: tokenize_fn returned {type(item).__name__}, "
+                    f"expected {self.item_type.__name__}"
+                )
+            return item
+        except RecordError as err:
+            return _Bad(err.at(location))
+
+
+# ----------------------------------------------------------------------------------------
+# The per-process stream of record indices
+# ----------------------------------------------------------------------------------------
+
+
+def shard_stream(
+    num_records: int,
+    *,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard_index: int,
+    shard_count: int,
+    drop_remainder: bool,
+) -> grain.MapDataset:
+    """This process's record indices: position k holds global stream position k*n + p.
+
+    The global stream is `num_epochs` passes (None: endless), each a permutation of
+    range(num_records) seeded by (seed, epoch) (or the identity without shuffle). A finite
+    stream is cut (drop_remainder) or padded with empty slots to the same length on every
+    process.
+    """
+    if num_records < 1:
+        raise ValueError("the source is empty: nothing to iterate over")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (endless) or >= 1, got {num_epochs}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    ds = grain.MapDataset.range(num_records)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    # repeat() reseeds the shuffle per epoch, so each epoch is a different permutation.
+    ds = ds.repeat(num_epochs)
+    shard = ds[shard_index::shard_count]
+    if num_epochs is None:
+        return shard
+    total = num_records * num_epochs
+    length = total // shard_count if drop_remainder else math.ceil(total / shard_count)
+    if len(shard) > length:
+        shard = shard[:length]
+    elif len(shard) < length:
+        pad = grain.MapDataset.source([_EMPTY] * (length - len(shard)))
+        shard = grain.MapDataset.concatenate([shard, pad])
+    return shard
+
+
+# ----------------------------------------------------------------------------------------
+# The checkpointable batch iterator
+# ----------------------------------------------------------------------------------------
+
+
+class BatchIterator:
+    """Iterator of static-shape numpy batches with an exact, JSON-serializable state.
+
+    `get_state()` -> dict (JSON types only); `set_state(state)` on an iterator built with the
+    same arguments continues with exactly the batches that followed `get_state()`. The
+    state also carries the arguments that define the stream (`spec`) and refuses a
+    mismatch. `bad_records` holds the skip counts (BadRecordCounter), restored too.
+    """
+
+    def __init__(
+        self,
+        items: grain.MapDataset,
+        make_batch: Callable[[list], dict[str, np.ndarray]],
+        *,
+        batch_size: int,
+        layout: Layout,
+        drop_remainder: bool,
+        on_bad_record: OnBadRecord,
+        spec: dict,
+        read_options: grain.ReadOptions,
+        pack_buffer_size: int = 0,
+        plan: Callable[[list], batching.PackingPlan] | None = None,
+    ):
+        self._items = items
+        self._make_batch = make_batch
+        self._batch_size = batch_size
+        self._layout = layout
+        self._drop_remainder = drop_remainder
+        self._pack_buffer_size = pack_buffer_size
+        self._plan = plan
+        self._read_options = read_options
+        self.spec = dict(spec)
+        self.bad_records = BadRecordCounter(on_bad_record, name="pipeline")
+        self._iter = items.to_iter_dataset(read_options).__iter__()
+        if self._iter.get_state() != {"next_index": 0}:
+            # Restoring relies on grain's MapDataset iterator state being the next index.
+            raise RuntimeError(f"unexpected grain iterator state {self._iter.get_state()!r}")
+        self._next_index = 0
+        self._buffer: list[tuple[int, Any]] = []  # (stream position, item) held by packing
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    @property
+    def num_positions(self) -> int:
+        """Length of this process's stream (sys.maxsize-ish when endless)."""
+        return len(self._items)
+
+    def _pull(self) -> tuple[int, Any] | None:
+        """Next usable (position, item): skips bad records, None at the end of the stream."""
+        while self._next_index < len(self._items):
+            item = next(self._iter)
+            position = self._next_index
+            self._next_index += 1
+            if isinstance(item, _Bad):
+                self.bad_records.handle(item.error)
+                continue
+            if not isinstance(item, _EmptySlot):
+                self.bad_records.ok()
+            return position, item
+        return None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._layout == "packed":
+            return self._next_packed()
+        items, slots = [], 0
+        while slots < self._batch_size:
+            pulled = self._pull()
+            if pulled is None:
+                break
+            slots += 1
+            if not isinstance(pulled[1], _EmptySlot):
+                items.append(pulled[1])
+        if slots == 0 or (slots < self._batch_size and self._drop_remainder):
+            raise StopIteration
+        return self._make_batch(items)
+
+    def _next_packed(self) -> dict[str, np.ndarray]:
+        ended = False
+        while len(self._buffer) < self._pack_buffer_size:
+            pulled = self._pull()
+            if pulled is None:
+                ended = True
+                break
+            if not isinstance(pulled[1], _EmptySlot):
+                self._buffer.append(pulled)
+        if ended and self._drop_remainder:
+            self._buffer = []  # the documented loss: pairs still buffered at the end
+        if not self._buffer:
+            raise StopIteration
+        pairs = [item for _, item in self._buffer]
+        plan = self._plan(pairs)
+        batch = self._make_batch(pairs, plan)
+        self._buffer = [self._buffer[i] for i in plan.leftover]
+        return batch
+
+    def get_state(self) -> dict:
+        """JSON-serializable state: resume with `set_state` on an identically built iterator."""
+        return {
+            "version": STATE_VERSION,
+            "spec": dict(self.spec),
+            "next_index": self._next_index,
+            "pending": [position for position, _ in self._buffer],
+            "bad_records": {
+                "num_ok": self.bad_records.num_ok,
+                "counts": dict(self.bad_records.counts),
+                "first_errors": dict(self.bad_records.first_errors),
+            },
+        }
+
+    def set_state(self, state: Mapping) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"iterator state version {state.get('version')!r} != {STATE_VERSION}")
+        if dict(state["spec"]) != self.spec:
+            diff = {
+                k: (state["spec"].get(k), self.spec.get(k))
+                for k in sorted(set(state["spec"]) | set(self.spec))
+                if state["spec"].get(k) != self.spec.get(k)
+            }
+            raise ValueError(
+                "the iterator state was saved for a different pipeline; (saved, now) per "
+                f"differing argument: {diff}"
+            )
+        next_index = int(state["next_index"])
+        if not 0 <= next_index <= len(self._items):
+            raise ValueError(f"state next_index {next_index} outside [0, {len(self._items)}]")
+        self._iter.set_state({"next_index": next_index})
+        self._next_index = next_index
+        # Pending pairs are re-made from their positions: every stage is a pure function
+        # of the position, so they come back identical.
+        self._buffer = [(int(p), self._items[int(p)]) for p in state["pending"]]
+        bad = state["bad_records"]
+        self.bad_records.num_ok = int(bad["num_ok"])
+        self.bad_records.counts.clear()
+        self.bad_records.counts.update({k: int(v) for k, v in bad["counts"].items()})
+        self.bad_records.first_errors = dict(bad["first_errors"])
+
+    @property
+    def epoch(self) -> float:
+        """Epochs of the global stream consumed so far (all processes together)."""
+        return self._next_index * self.spec["shard_count"] / self.spec["num_records"]
+
+    def close(self) -> None:
+        close = getattr(self._iter, "close", None)
+        if close is not None:
+            close()
+
+
+# ----------------------------------------------------------------------------------------
+# Public constructors
+# ----------------------------------------------------------------------------------------
+
+
+def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import jax  # only when the caller leaves the shard to the JAX process layout
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    return int(shard_index), int(shard_count)
+
+
+# kind -> (parse one record, tokenize one example, example type, tokenized item type)
+_KINDS = {
+    "preference": (parse_preference, tokenize_pair, PreferenceExample, TokenizedPair),
+    "sft": (parse_sft, tokenize_sequence, SFTExample, TokenizedSequence),
+}
+
+
+def make_preference_iterator(
+    source: Sequence,
+    tokenizer=None,
+    *,
+    tokenize_config: TokenizeConfig | None = None,
+    tokenize_fn: Callable[[PreferenceExample], TokenizedPair] | None = None,
+    parse_fn: Callable[[Any], PreferenceExample] | None = None,
+    record_format: str = "auto",
+    batch_size: int,
+    max_length: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    layout: Layout = "padded",
+    drop_remainder: bool = False,
+    pad_id: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+    num_rows: int | None = None,
+    pack_buffer_size: int | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    source_name: str = "source",
+    num_threads: int = 1,
+    prefetch_buffer_size: int = 256,
+) -> BatchIterator:
+    """Batches of preference pairs from a random-access `source`; see the module docstring.
+
+    Args:
+      source: a sequence (`len`, `[i]`) of raw records (dicts; tfds bytes are decoded),
+        `PreferenceExample`s or `TokenizedPair`s, e.g. a list or `tfds.data_source(...)`.
+      tokenizer, tokenize_config: tokenize with `tokenize.tokenize_pair`; the tokenizer
+        also renders conversational records with its chat template. Or instead
+      tokenize_fn: `PreferenceExample -> TokenizedPair` (raise `RecordError` for bad pairs).
+      parse_fn: `record -> PreferenceExample`; default `formats.parse_preference` with
+        `record_format` ("auto" or a format name).
+      batch_size: B, pairs per batch on this process (the capacity when packed).
+      max_length: L (padded: the longest allowed length; packed: the row length); default
+        tokenize_config.max_length.
+      seed, shuffle, num_epochs: the stream (num_epochs None = endless).
+      shard_index, shard_count: this process's shard; default jax.process_index() /
+        jax.process_count().
+      layout: "padded" -> tokens/positions/segment_ids/loss_mask [B, 2, L], pair_mask [B];
+        "packed" -> the same keys plus slot_ids as [R, L], pair_mask [B].
+      drop_remainder: drop (True) or pad with pair_mask 0 (False) the last partial batch.
+      pad_id: padding token; default the tokenizer's pad_token_id, else 0.
+      pad_to_multiple_of, buckets: padded layout: allowed lengths below max_length
+        (`batching.allowed_lengths`); default: always L = max_length.
+      num_rows: packed layout: rows R per batch (default B).
+      pack_buffer_size: packed layout: pairs the packer chooses from (default 2 B).
+      on_bad_record: "raise" or "skip" (counted in `iterator.bad_records`).
+      source_name: names the source in errors ("<name>, record <i>").
+      num_threads, prefetch_buffer_size: grain prefetching (see the module docstring).
+    """
+    return _make_iterator("preference", **locals())
+
+
+def make_sft_iterator(
+    source: Sequence,
+    tokenizer=None,
+    *,
+    tokenize_config: TokenizeConfig | None = None,
+    tokenize_fn: Callable[[SFTExample], TokenizedSequence] | None = None,
+    parse_fn: Callable[[Any], SFTExample] | None = None,
+    record_format: str = "auto",
+    batch_size: int,
+    max_length: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = False,
+    pad_id: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    source_name: str = "source",
+    num_threads: int = 1,
+    prefetch_buffer_size: int = 256,
+) -> BatchIterator:
+    """Padded SFT batches: tokens/positions/segment_ids/loss_mask [B, L], example_mask [B].
+
+    Arguments, stream, sharding, state and bad-record rules as `make_preference_iterator`
+    (padded layout only). Records: {"prompt", "completion"} or any preference format (its
+    chosen side, `formats.parse_sft`), or `SFTExample` / `TokenizedSequence` items.
+    """
+    return _make_iterator("sft", layout="padded", num_rows=None, pack_buffer_size=None, **locals())
+
+
+def _make_iterator(
+    kind: str,
+    *,
+    source,
+    tokenizer,
+    tokenize_config,
+    tokenize_fn,
+    parse_fn,
+    record_format,
+    batch_size,
+    max_length,
+    seed,
+    shuffle,
+    num_epochs,
+    shard_index,
+    shard_count,
+    layout,
+    drop_remainder,
+    pad_id,
+    pad_to_multiple_of,
+    buckets,
+    num_rows,
+    pack_buffer_size,
+    on_bad_record,
+    source_name,
+    num_threads,
+    prefetch_buffer_size,
+) -> BatchIterator:
+    parse_one, tokenize_one, example_type, item_type = _KINDS[kind]
+    if (tokenize_fn is None) == (tokenizer is None):
+        raise ValueError("pass exactly one of tokenizer (+ tokenize_config) or tokenize_fn")
+    if tokenize_fn is None:
+        if tokenize_config is None:
+            raise ValueError("tokenizer needs a tokenize_config (max_length, truncation, ...)")
+
+        def tokenize_fn(example):
+            return tokenize_one(example, tokenizer, tokenize_config)
+
+    def parse(record, location):
+        if isinstance(record, example_type):
+            return record
+        if parse_fn is not None:
+            return parse_fn(record)
+        return parse_one(record, format=record_format, tokenizer=tokenizer, location=location)
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length is None:
+        if tokenize_config is None:
+            raise ValueError("pass max_length (or a tokenize_config, whose max_length is used)")
+        max_length = tokenize_config.max_length
+    elif tokenize_config is not None and tokenize_config.max_length > max_length:
+        raise ValueError(
+            f"tokenize_config.max_length={tokenize_config.max_length} > max_length="
+            f"{max_length}: tokenized pairs might not fit the batch"
+        )
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        pad_id = 0 if pad_id is None else int(pad_id)
+    if shard_index is None or shard_count is None:
+        import jax  # only when the caller leaves the shard to the JAX process layout
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+
+    num_records = len(source)
+    stream = shard_stream(
+        num_records,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        drop_remainder=drop_remainder,
+    )
+    items = stream.map(_Prepare(source, parse, tokenize_fn, item_type, source_name))
+    spec = {
+        "kind": kind,
+        "num_records": num_records,
+        "seed": seed,
+        "shuffle": shuffle,
+        "num_epochs": num_epochs,
+        "shard_index": shard_index,
+        "shard_count": shard_count,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "layout": layout,
+        "drop_remainder": drop_remainder,
+    }
+    plan = None
+    if layout == "packed":
+        num_rows = batch_size if num_rows is None else num_rows
+        pack_buffer_size = 2 * batch_size if pack_buffer_size is None else pack_buffer_size
+        if pack_buffer_size < 1:
+            raise ValueError(f"pack_buffer_size must be >= 1, got {pack_buffer_size}")
+        spec.update(num_rows=num_rows, pack_buffer_size=pack_buffer_size)
+
+        def plan(pairs):
+            return batching.plan_packing(
+                pairs, num_rows=num_rows, row_length=max_length, max_pairs=batch_size
+            )
+
+        def make_batch(pairs, packing_plan):
+            return batching.packed_batch(
+                pairs, packing_plan, row_length=max_length, max_pairs=batch_size, pad_id=pad_id
+            )
+
+    else:
+        pad = batching.pad_pairs if kind == "preference" else batching.pad_sequences
+        buckets = None if buckets is None else [int(b) for b in buckets]
+        spec.update(pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+
+        def make_batch(items):
+            return pad(
+                items,
+                max_length=max_length,
+                pad_id=pad_id,
+                pad_to_multiple_of=pad_to_multiple_of,
+                buckets=buckets,
+                batch_size=batch_size,
+            )
+
+    read_options = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size if num_threads else 0
+    )
+    return BatchIterator(
+        items,
+        make_batch,
+        batch_size=batch_size,
+        layout=layout,
+        drop_remainder=drop_remainder,
+        on_bad_record=on_bad_record,
+        spec=spec,
+        read_options=read_options,
+        pack_buffer_size=pack_buffer_size or 0,
+        plan=plan,
+    )
