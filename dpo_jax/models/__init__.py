@@ -1,8 +1,9 @@
 """Pure-functional Flax (linen) decoder LMs and Hugging Face checkpoint import/export."""
 
+from dpo_jax.models import presets
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.decoder import DecoderLM
 from dpo_jax.models.hf import from_hf, to_hf
 from dpo_jax.models.hf_config import HFCheckpointError
 
-__all__ = ["DecoderLM", "HFCheckpointError", "ModelConfig", "from_hf", "to_hf"]
+__all__ = ["DecoderLM", "HFCheckpointError", "ModelConfig", "from_hf", "presets", "to_hf"]
