@@ -170,13 +170,14 @@ def test_process_shards_are_disjoint_cover_the_data_and_run_in_lockstep(drop_rem
 
 
 def test_bad_records_raise_naming_the_record_or_are_skipped_and_counted():
-    source = _records(8)
+    source = _records(9)
     source[2] = {"prompt": "2", "chosen": "c"}  # missing field
-    source[5] = {"prompt": "5", "chosen": "c" * 9, "rejected": "r"}  # too long to tokenize
+    source[5] = {"prompt": "5", "chosen": "c" * 9, "rejected": "r"}  # 12 tokens > max_length 8
+    source[6] = {"prompt": "6", "chosen": "BAD", "rejected": "r"}
 
     def tokenize(example):
-        if len(example.chosen) > 4:
-            raise RecordError("too_long", "response too long", field="chosen")
+        if example.chosen == "BAD":
+            raise RecordError("untokenizable", "cannot tokenize", field="chosen")
         return _tokenize(example)
 
     kw = dict(
@@ -184,13 +185,15 @@ def test_bad_records_raise_naming_the_record_or_are_skipped_and_counted():
     )
     with pytest.raises(RecordError, match=r"prefs\.jsonl, record 2, field 'rejected'"):
         list(_iterator(source, **kw))
+    with pytest.raises(RecordError, match=r"record 2, field 'chosen_ids': 2 prompt \+ 10 response"):
+        list(_iterator(source[3:], **kw))
     it = _iterator(source, on_bad_record="skip", **kw)
     first = next(it)
     assert _ids(first) == [0, 1, 3]  # the batch is refilled past the bad record
     state = it.get_state()
     rest = list(it)
-    assert _all_ids(rest) == [4, 6, 7]
-    assert it.bad_records.summary() == {"missing_field": 1, "too_long": 1}
+    assert _all_ids(rest) == [4, 7, 8]
+    assert it.bad_records.summary() == {"missing_field": 1, "too_long": 1, "untokenizable": 1}
     restored = _iterator(source, on_bad_record="skip", **kw)
     restored.set_state(state)
     _assert_same_batches(list(restored), rest)

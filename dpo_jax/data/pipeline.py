@@ -113,12 +113,26 @@ def decode_record(record: Any, location: Location | None = None) -> Any:
 class _Prepare:
     """Stream element (a source index) -> tokenized item, `_Bad`, or `_EMPTY` unchanged."""
 
-    def __init__(self, source, parse_fn, tokenize_fn, item_type, name: str):
+    def __init__(self, source, parse_fn, tokenize_fn, item_type, name: str, max_length: int):
         self.source = source
         self.parse_fn = parse_fn
         self.tokenize_fn = tokenize_fn
         self.item_type = item_type
         self.name = name
+        self.max_length = max_length
+
+    def _check_length(self, item) -> None:
+        # Caught here, a too-long item is a bad record with its index (batching would only
+        # know its place in the batch).
+        for field in ("chosen_ids", "rejected_ids", "completion_ids"):
+            response = getattr(item, field, None)
+            if response is not None and len(item.prompt_ids) + len(response) > self.max_length:
+                raise RecordError(
+                    "too_long",
+                    f"{len(item.prompt_ids)} prompt + {len(response)} response tokens > "
+                    f"max_length={self.max_length}",
+                    field=field,
+                )
 
     def __call__(self, index):
         if isinstance(index, _EmptySlot):
@@ -126,17 +140,16 @@ class _Prepare:
         index = int(index)
         location = Location(self.name, index, "record")
         try:
-            record = self.source[index]
-            if isinstance(record, self.item_type):
-                return record
-            record = decode_record(record, location)
-            example = self.parse_fn(record, location)
-            item = self.tokenize_fn(example)
+            item = self.source[index]
             if not isinstance(item, self.item_type):
-                raise TypeError(
-                    f"{location}: tokenize_fn returned {type(item).__name__}, "
-                    f"expected {self.item_type.__name__}"
-                )
+                example = self.parse_fn(decode_record(item, location), location)
+                item = self.tokenize_fn(example)
+                if not isinstance(item, self.item_type):
+                    raise TypeError(
+                        f"{location}: tokenize_fn returned {type(item).__name__}, "
+                        f"expected {self.item_type.__name__}"
+                    )
+            self._check_length(item)
             return item
         except RecordError as err:
             return _Bad(err.at(location))
@@ -207,25 +220,19 @@ class BatchIterator:
     def __init__(
         self,
         items: grain.MapDataset,
-        make_batch: Callable[[list], dict[str, np.ndarray]],
+        batch_fn: Callable,
         *,
-        batch_size: int,
-        layout: Layout,
-        drop_remainder: bool,
-        on_bad_record: OnBadRecord,
         spec: dict,
+        on_bad_record: OnBadRecord,
         read_options: grain.ReadOptions,
-        pack_buffer_size: int = 0,
-        plan: Callable[[list], batching.PackingPlan] | None = None,
     ):
+        """items: this process's stream of tokenized items (`_Prepare` outputs).
+
+        batch_fn: padded: items -> batch; packed: pairs -> (batch, leftover indices).
+        spec: the arguments that define the stream and batches (see `_make_iterator`).
+        """
         self._items = items
-        self._make_batch = make_batch
-        self._batch_size = batch_size
-        self._layout = layout
-        self._drop_remainder = drop_remainder
-        self._pack_buffer_size = pack_buffer_size
-        self._plan = plan
-        self._read_options = read_options
+        self._batch_fn = batch_fn
         self.spec = dict(spec)
         self.bad_records = BadRecordCounter(on_bad_record, name="pipeline")
         self._iter = items.to_iter_dataset(read_options).__iter__()
@@ -233,15 +240,10 @@ class BatchIterator:
             # Restoring relies on grain's MapDataset iterator state being the next index.
             raise RuntimeError(f"unexpected grain iterator state {self._iter.get_state()!r}")
         self._next_index = 0
-        self._buffer: list[tuple[int, Any]] = []  # (stream position, item) held by packing
+        self._buffer: list[tuple[int, Any]] = []  # (stream position, pair) held by packing
 
     def __iter__(self) -> BatchIterator:
         return self
-
-    @property
-    def num_positions(self) -> int:
-        """Length of this process's stream (sys.maxsize-ish when endless)."""
-        return len(self._items)
 
     def _pull(self) -> tuple[int, Any] | None:
         """Next usable (position, item): skips bad records, None at the end of the stream."""
@@ -258,37 +260,35 @@ class BatchIterator:
         return None
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._layout == "packed":
+        if self.spec["layout"] == "packed":
             return self._next_packed()
-        items, slots = [], 0
-        while slots < self._batch_size:
+        items, slots, batch_size = [], 0, self.spec["batch_size"]
+        while slots < batch_size:
             pulled = self._pull()
             if pulled is None:
                 break
             slots += 1
             if not isinstance(pulled[1], _EmptySlot):
                 items.append(pulled[1])
-        if slots == 0 or (slots < self._batch_size and self._drop_remainder):
+        if slots == 0 or (slots < batch_size and self.spec["drop_remainder"]):
             raise StopIteration
-        return self._make_batch(items)
+        return self._batch_fn(items)
 
     def _next_packed(self) -> dict[str, np.ndarray]:
         ended = False
-        while len(self._buffer) < self._pack_buffer_size:
+        while len(self._buffer) < self.spec["pack_buffer_size"]:
             pulled = self._pull()
             if pulled is None:
                 ended = True
                 break
             if not isinstance(pulled[1], _EmptySlot):
                 self._buffer.append(pulled)
-        if ended and self._drop_remainder:
+        if ended and self.spec["drop_remainder"]:
             self._buffer = []  # the documented loss: pairs still buffered at the end
         if not self._buffer:
             raise StopIteration
-        pairs = [item for _, item in self._buffer]
-        plan = self._plan(pairs)
-        batch = self._make_batch(pairs, plan)
-        self._buffer = [self._buffer[i] for i in plan.leftover]
+        batch, leftover = self._batch_fn([pair for _, pair in self._buffer])
+        self._buffer = [self._buffer[i] for i in leftover]
         return batch
 
     def get_state(self) -> dict:
@@ -455,40 +455,14 @@ def make_sft_iterator(
     return _make_iterator("sft", layout="padded", num_rows=None, pack_buffer_size=None, **locals())
 
 
-def _make_iterator(
-    kind: str,
-    *,
-    source,
-    tokenizer,
-    tokenize_config,
-    tokenize_fn,
-    parse_fn,
-    record_format,
-    batch_size,
-    max_length,
-    seed,
-    shuffle,
-    num_epochs,
-    shard_index,
-    shard_count,
-    layout,
-    drop_remainder,
-    pad_id,
-    pad_to_multiple_of,
-    buckets,
-    num_rows,
-    pack_buffer_size,
-    on_bad_record,
-    source_name,
-    num_threads,
-    prefetch_buffer_size,
-) -> BatchIterator:
+def _make_iterator(kind: str, **kw) -> BatchIterator:
+    """Shared body of the public constructors; `kw` holds their arguments by name."""
     parse_one, tokenize_one, example_type, item_type = _KINDS[kind]
-    if (tokenize_fn is None) == (tokenizer is None):
-        raise ValueError("pass exactly one of tokenizer (+ tokenize_config) or tokenize_fn")
+    tokenizer, tokenize_config, parse_fn = kw["tokenizer"], kw["tokenize_config"], kw["parse_fn"]
+    tokenize_fn = kw["tokenize_fn"]
     if tokenize_fn is None:
-        if tokenize_config is None:
-            raise ValueError("tokenizer needs a tokenize_config (max_length, truncation, ...)")
+        if tokenizer is None or tokenize_config is None:
+            raise ValueError("pass tokenize_fn, or tokenizer and tokenize_config")
 
         def tokenize_fn(example):
             return tokenize_one(example, tokenizer, tokenize_config)
@@ -498,12 +472,10 @@ def _make_iterator(
             return record
         if parse_fn is not None:
             return parse_fn(record)
-        return parse_one(record, format=record_format, tokenizer=tokenizer, location=location)
+        fmt = kw["record_format"]
+        return parse_one(record, format=fmt, tokenizer=tokenizer, location=location)
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_length = kw["max_length"]
     if max_length is None:
         if tokenize_config is None:
             raise ValueError("pass max_length (or a tokenize_config, whose max_length is used)")
@@ -513,84 +485,86 @@ def _make_iterator(
             f"tokenize_config.max_length={tokenize_config.max_length} > max_length="
             f"{max_length}: tokenized pairs might not fit the batch"
         )
+    pad_id = kw["pad_id"]
     if pad_id is None:
         pad_id = getattr(tokenizer, "pad_token_id", None)
-        pad_id = 0 if pad_id is None else int(pad_id)
+        pad_id = 0 if pad_id is None else pad_id
+    shard_index, shard_count = kw["shard_index"], kw["shard_count"]
     if shard_index is None or shard_count is None:
         import jax  # only when the caller leaves the shard to the JAX process layout
 
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
+    layout, batch_size = kw["layout"], int(kw["batch_size"])
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    num_records = len(source)
-    stream = shard_stream(
-        num_records,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        drop_remainder=drop_remainder,
-    )
-    items = stream.map(_Prepare(source, parse, tokenize_fn, item_type, source_name))
+    # Everything that shapes the stream or the batches; a restored state must match it.
     spec = {
         "kind": kind,
-        "num_records": num_records,
-        "seed": seed,
-        "shuffle": shuffle,
-        "num_epochs": num_epochs,
-        "shard_index": shard_index,
-        "shard_count": shard_count,
+        "num_records": len(kw["source"]),
+        "seed": int(kw["seed"]),
+        "shuffle": bool(kw["shuffle"]),
+        "num_epochs": None if kw["num_epochs"] is None else int(kw["num_epochs"]),
+        "shard_index": int(shard_index),
+        "shard_count": int(shard_count),
         "batch_size": batch_size,
-        "max_length": max_length,
+        "max_length": int(max_length),
         "layout": layout,
-        "drop_remainder": drop_remainder,
+        "drop_remainder": bool(kw["drop_remainder"]),
+        "pad_id": int(pad_id),
     }
-    plan = None
     if layout == "packed":
-        num_rows = batch_size if num_rows is None else num_rows
-        pack_buffer_size = 2 * batch_size if pack_buffer_size is None else pack_buffer_size
-        if pack_buffer_size < 1:
-            raise ValueError(f"pack_buffer_size must be >= 1, got {pack_buffer_size}")
-        spec.update(num_rows=num_rows, pack_buffer_size=pack_buffer_size)
+        num_rows = batch_size if kw["num_rows"] is None else int(kw["num_rows"])
+        buffer = 2 * batch_size if kw["pack_buffer_size"] is None else int(kw["pack_buffer_size"])
+        if buffer < 1:
+            raise ValueError(f"pack_buffer_size must be >= 1, got {buffer}")
+        spec.update(num_rows=num_rows, pack_buffer_size=buffer)
 
-        def plan(pairs):
-            return batching.plan_packing(
+        def batch_fn(pairs):
+            plan = batching.plan_packing(
                 pairs, num_rows=num_rows, row_length=max_length, max_pairs=batch_size
             )
-
-        def make_batch(pairs, packing_plan):
-            return batching.packed_batch(
-                pairs, packing_plan, row_length=max_length, max_pairs=batch_size, pad_id=pad_id
+            batch = batching.packed_batch(
+                pairs, plan, row_length=max_length, max_pairs=batch_size, pad_id=pad_id
             )
+            return batch, plan.leftover
 
     else:
         pad = batching.pad_pairs if kind == "preference" else batching.pad_sequences
-        buckets = None if buckets is None else [int(b) for b in buckets]
-        spec.update(pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+        buckets = None if kw["buckets"] is None else [int(b) for b in kw["buckets"]]
+        spec.update(pad_to_multiple_of=kw["pad_to_multiple_of"], buckets=buckets)
 
-        def make_batch(items):
+        def batch_fn(items):
             return pad(
                 items,
                 max_length=max_length,
                 pad_id=pad_id,
-                pad_to_multiple_of=pad_to_multiple_of,
+                pad_to_multiple_of=spec["pad_to_multiple_of"],
                 buckets=buckets,
                 batch_size=batch_size,
             )
 
+    stream = shard_stream(
+        spec["num_records"],
+        seed=spec["seed"],
+        shuffle=spec["shuffle"],
+        num_epochs=spec["num_epochs"],
+        shard_index=spec["shard_index"],
+        shard_count=spec["shard_count"],
+        drop_remainder=spec["drop_remainder"],
+    )
+    prepare = _Prepare(kw["source"], parse, tokenize_fn, item_type, kw["source_name"], max_length)
+    threads = kw["num_threads"]
     read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size if num_threads else 0
+        num_threads=threads, prefetch_buffer_size=kw["prefetch_buffer_size"] if threads else 0
     )
     return BatchIterator(
-        items,
-        make_batch,
-        batch_size=batch_size,
-        layout=layout,
-        drop_remainder=drop_remainder,
-        on_bad_record=on_bad_record,
+        stream.map(prepare),
+        batch_fn,
         spec=spec,
+        on_bad_record=kw["on_bad_record"],
         read_options=read_options,
-        pack_buffer_size=pack_buffer_size or 0,
-        plan=plan,
     )
