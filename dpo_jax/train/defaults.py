@@ -1,0 +1,138 @@
+"""The base run config: every field of a dpo_jax run, each commented once.
+
+Config files in configs/ start from `base_config()` and override what their experiment
+needs; the command line overrides single fields (`--config.dpo.loss.beta=0.5`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dpo_jax import parallel
+from dpo_jax.train.optimizers import default_optimizer_config
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """A stage's optimizer: the paper's defaults (`default_optimizer_config`, where every
+    field is documented) with `overrides`. `total_steps` is filled in from the stage."""
+    opt = default_optimizer_config()
+    opt.update(overrides)
+    return opt
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with the DPO paper's defaults where the paper sets them."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, data order and step rngs: runs are reproducible from it
+    c.stages = ("dpo",)  # stages run in order: ("sft", "dpo") trains SFT first, then DPO
+
+    # --- Model ---------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""  # local Hugging Face checkpoint directory (config.json + safetensors)
+    c.model.preset = ""  # else a preset name from dpo_jax.models.presets (random init)
+    c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields set on top of either
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = False  # rematerialise each layer in the backward pass (saves memory)
+
+    # --- Data ----------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.synthetic = False  # generate the quickstart's toy preference set into the workdir
+    c.data.synthetic_size = 2048  # pairs generated when synthetic (train + eval)
+    c.data.train_files = ()  # JSON/JSONL(.gz)/parquet files or HF datasets saved to disk
+    c.data.eval_files = ()  # held-out pairs; empty = hold out `eval_fraction` of train
+    c.data.eval_fraction = 0.05  # used only when eval_files is empty
+    c.data.sft_files = ()  # SFT targets (prompt/completion); empty = chosen side of train_files
+    c.data.format = "auto"  # record format: auto | standard | implicit | conversational | hh
+    c.data.tokenizer = ""  # local tokenizer directory (defaults to model.hf_path)
+    c.data.tokenize_mode = "reference"  # reference (paper: separate) | joint (TRL)
+    c.data.truncation_mode = "keep_start"  # prompt truncation: keep_start | keep_end (HH)
+    c.data.max_length = 512  # prompt + response tokens
+    c.data.max_prompt_length = 256  # prompt tokens kept when a pair is too long
+    c.data.layout = "padded"  # padded [B, 2, L] | packed [R, L] rows of several pairs
+    c.data.pad_to_multiple_of = 64  # padded layout: L rounded up to this (few jit shapes)
+    c.data.on_bad_record = "raise"  # raise (name file, line, field) | skip (and count)
+    c.data.num_epochs = 0  # 0 = repeat forever; steps end the stage
+
+    # --- SFT stage -----------------------------------------------------------------------
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0  # optimizer steps of the SFT stage
+    c.sft.batch_size = 64  # sequences per step (global, over all processes)
+    c.sft.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, warmup_steps=10)
+
+    # --- DPO stage -----------------------------------------------------------------------
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.steps = 1000  # optimizer steps of the DPO stage
+    c.dpo.batch_size = 64  # preference pairs per step (global)
+    c.dpo.accum_steps = 1  # micro-batches per step (same result as one big batch)
+    c.dpo.init_from = "sft"  # policy and reference start: sft (this run's SFT) | model
+    c.dpo.reference = "params"  # params (frozen copy) | none (reference-free losses)
+    c.dpo.memory_efficient_logps = False  # log-probs from hidden states, no [B, L, V] buffer
+    c.dpo.loss = ml_collections.ConfigDict()
+    c.dpo.loss.name = "sigmoid"  # a name from dpo_jax.losses.names()
+    c.dpo.loss.beta = 0.1  # the KL-penalty strength (meaning per loss: see its docstring)
+    c.dpo.loss.hparams = ml_collections.ConfigDict()  # extra loss arguments, e.g. label_smoothing
+    c.dpo.optimizer = optimizer_config()
+
+    # --- Parallelism ---------------------------------------------------------------------
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "jit"  # jit (sharded over a mesh) | pmap (replicated data parallel)
+    c.parallel.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.parallel.logical_axis_rules = parallel.DEFAULT_RULES  # logical name -> mesh axes
+    c.parallel.reference_rules = "same"  # frozen reference: same | tensor | replicated
+    c.parallel.coordinator_address = ""  # multi-host: host:port of process 0 (or from env)
+    c.parallel.num_processes = 0  # multi-host: process count (0 = from env / single)
+    c.parallel.process_id = -1  # multi-host: this process's index (-1 = from env)
+
+    # --- Checkpoints, evaluation, logging ------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # save every N steps (and at the end of each stage)
+    c.checkpoint.keep = 2  # recent checkpoints kept per stage
+    c.checkpoint.async_save = True  # write in the background while training continues
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 100  # held-out evaluation every N steps (and at the end)
+    c.eval.max_batches = 0  # 0 = the whole held-out set
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 10  # metrics to JSONL/TensorBoard every N steps
+    c.log.progress_bar = True  # tqdm bar with loss, accuracy, tokens/s, ETA
+    c.log.wandb_project = ""  # Weights & Biases project; empty = off
+    c.export_hf = True  # write the final policy as a Hugging Face directory <workdir>/hf
+
+    # --- Sweeps --------------------------------------------------------------------------
+    # A list of {dotted.field: value} overrides; `--sweep_index=i` runs member i in
+    # <workdir>/sweep_<i>, `--sweep_index=-1` runs all of them one after another.
+    c.sweep = ()
+    return c
+
+
+def shrink_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns any config into its seconds-long CPU variant (the `:tiny` mode tests reuse).
+
+    Keeps the stages, loss and optimizer kinds of the config; swaps in the self-generated
+    toy data, a tiny random model and a handful of steps.
+    """
+    c.model.hf_path = ""
+    c.model.preset = "tiny"
+    c.data.synthetic = True
+    c.data.synthetic_size = 256
+    c.data.eval_fraction = 0.25
+    c.data.train_files = ()
+    c.data.eval_files = ()
+    c.data.sft_files = ()
+    c.data.tokenizer = ""
+    c.data.format = "auto"
+    c.data.truncation_mode = "keep_start"
+    c.data.max_length = 32
+    c.data.max_prompt_length = 16
+    c.data.pad_to_multiple_of = 32
+    for stage in (c.sft, c.dpo):
+        stage.steps = min(stage.steps, 6) if stage.steps else 0
+        stage.batch_size = 8
+        stage.optimizer.warmup_steps = 2
+        stage.optimizer.learning_rate = 1e-3
+    c.dpo.init_from = "sft" if "sft" in c.stages else "model"
+    c.checkpoint.every_steps = 2
+    c.eval.every_steps = 3
+    c.log.every_steps = 1
+    c.log.progress_bar = False
+    c.export_hf = False
+    return c

@@ -1,0 +1,164 @@
+"""The run's data: files (or the generated toy set) -> parsed, tokenized splits -> iterators.
+
+Records are parsed and tokenized once, up front, with their file and line: a bad record
+stops the run before the first step with an error that names it (or, with
+`on_bad_record="skip"`, is counted and summarised), instead of surfacing mid-run. The
+grain pipeline then only shuffles, shards and batches the tokenized items, so its
+checkpointed state is a stream position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import ml_collections
+
+from dpo_jax.data import pipeline, sources, synthetic
+from dpo_jax.data.examples import (
+    BadRecordCounter,
+    RecordError,
+    SFTExample,
+    TokenizedPair,
+    TokenizedSequence,
+)
+from dpo_jax.data.formats import parse_preference, parse_sft
+from dpo_jax.data.tokenize import TokenizeConfig, TokenizeStats, load_tokenizer, tokenize_examples
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Splits:
+    """Tokenized data of a run.
+
+    pairs / eval_pairs: preference pairs (train / held out).
+    sequences: SFT targets (prompt + chosen response) of the training records.
+    """
+
+    tokenizer: object
+    tokenize_config: TokenizeConfig
+    pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    sequences: list[TokenizedSequence]
+
+
+def generate_synthetic(data: ml_collections.ConfigDict, seed: int, directory: str):
+    """Writes the toy train/eval JSONL files and the char tokenizer (once; idempotent).
+
+    Returns (train_files, eval_files, tokenizer_dir). Held-out pairs use a different seed
+    than training pairs, so they are fresh prompts.
+    """
+    tokenizer_dir = os.path.join(directory, "tokenizer")
+    train_path = os.path.join(directory, "train.jsonl")
+    eval_path = os.path.join(directory, "eval.jsonl")
+    if not os.path.exists(eval_path):
+        n_eval = max(1, int(data.synthetic_size * data.eval_fraction))
+        n_train = data.synthetic_size - n_eval
+        synthetic.build_char_tokenizer(tokenizer_dir)
+        synthetic.write_jsonl(synthetic.make_preference_records(n_train, seed), train_path)
+        # Written last: its presence marks the directory complete.
+        tmp = eval_path + ".tmp"
+        synthetic.write_jsonl(synthetic.make_preference_records(n_eval, seed + 1), tmp)
+        os.replace(tmp, eval_path)
+    return (train_path,), (eval_path,), tokenizer_dir
+
+
+def _parse(paths, parse, fmt, tokenizer, counter) -> list[tuple[object, object]]:
+    """(example, location) for every usable record of `paths`."""
+    examples = []
+    for record, location in sources.iter_records(paths, counter=counter):
+        try:
+            examples.append((parse(record, format=fmt, tokenizer=tokenizer, location=location),
+                             location))  # fmt: skip
+        except RecordError as err:
+            counter.handle(err)
+    return examples
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
+    """Reads, parses and tokenizes the run's data as `config.data` says."""
+    data = config.data
+    if data.synthetic:
+        train_files, eval_files, tokenizer_dir = generate_synthetic(
+            data, config.seed, os.path.join(workdir, "data")
+        )
+    else:
+        train_files, eval_files = tuple(data.train_files), tuple(data.eval_files)
+        tokenizer_dir = data.tokenizer or config.model.hf_path
+        if not train_files:
+            raise ValueError("config.data.train_files is empty (or set config.data.synthetic)")
+        if not tokenizer_dir:
+            raise ValueError("set config.data.tokenizer (or config.model.hf_path) to a local dir")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenize_config = TokenizeConfig(
+        mode=data.tokenize_mode,
+        max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length,
+        truncation_mode=data.truncation_mode,
+    )
+    counter = BadRecordCounter(data.on_bad_record, name="data")
+    stats = TokenizeStats()
+
+    def tokenize(examples):
+        return [
+            t for t, _ in tokenize_examples(examples, tokenizer, tokenize_config, counter, stats)
+        ]
+
+    examples = _parse(train_files, parse_preference, data.format, tokenizer, counter)
+    if eval_files:
+        eval_examples = _parse(eval_files, parse_preference, data.format, tokenizer, counter)
+    else:
+        # No held-out files: the last `eval_fraction` of the training records, never trained
+        # on (by SFT either).
+        n_eval = max(1, int(len(examples) * data.eval_fraction))
+        examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
+    sequences = []
+    if "sft" in config.stages:
+        if data.sft_files:
+            sft_examples = _parse(data.sft_files, parse_sft, data.format, tokenizer, counter)
+        else:  # the paper's recipe: fine-tune on the preferred responses
+            sft_examples = [(SFTExample(e.prompt, e.chosen, e.templated), loc)
+                            for e, loc in examples]  # fmt: skip
+        sequences = tokenize(sft_examples)
+    pairs, eval_pairs = tokenize(examples), tokenize(eval_examples)
+    if counter.counts:
+        counter.log_summary()
+    if stats.counts:
+        log.info("Tokenization events: %s", stats.summary())
+    if not pairs or not eval_pairs:
+        raise ValueError(f"no usable pairs: {len(pairs)} train, {len(eval_pairs)} held out")
+    log.info("Data: %d train pairs, %d held-out pairs.", len(pairs), len(eval_pairs))
+    return Splits(tokenizer, tokenize_config, pairs, eval_pairs, sequences)
+
+
+def train_iterator(splits: Splits, config, stage: str, *, batch_size: int, seed: int):
+    """The endless, shuffled, process-sharded batch iterator of a stage ("sft" or "dpo")."""
+    data = config.data
+    common = dict(
+        tokenizer=splits.tokenizer,
+        tokenize_config=splits.tokenize_config,
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=data.num_epochs or None,
+        pad_to_multiple_of=data.pad_to_multiple_of or None,
+        source_name=f"{stage} training data",
+    )
+    if stage == "sft":
+        return pipeline.make_sft_iterator(splits.sequences, **common)
+    return pipeline.make_preference_iterator(splits.pairs, layout=data.layout, **common)
+
+
+def eval_iterator(splits: Splits, config, *, batch_size: int):
+    """One pass over the held-out pairs in file order (last batch padded with pair_mask 0)."""
+    return pipeline.make_preference_iterator(
+        splits.eval_pairs,
+        tokenizer=splits.tokenizer,
+        tokenize_config=splits.tokenize_config,
+        batch_size=batch_size,
+        shuffle=False,
+        num_epochs=1,
+        pad_to_multiple_of=config.data.pad_to_multiple_of or None,
+        source_name="held-out data",
+    )

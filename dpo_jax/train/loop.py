@@ -1,0 +1,443 @@
+"""The main job: SFT and/or DPO stages over a device mesh, checkpointed, resumable.
+
+Read top to bottom: process setup -> data -> model -> devices -> stages (each: optimizer,
+state, restore, steps, evaluation, checkpoints) -> export -> summary.
+
+Resume order of a stage: its own latest readable checkpoint in the workdir, else its
+starting params (the previous stage's final params, a Hugging Face directory, or a seeded
+random init). A finished stage is restored from its final checkpoint, not rerun, so
+rerunning a killed command continues exactly where the checkpoint left it: the train
+state (params, optimizer state, step, rng) and every process's data-iterator position
+come back, and the remaining steps see the same batches and keys as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dpo_jax import losses, models, parallel
+from dpo_jax.train import inputs, steps
+from dpo_jax.train.checkpoints import StageCheckpointer, abstract_like
+from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
+from dpo_jax.train.optimizers import make_optimizer
+from dpo_jax.train.state import state_from_params
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "dpo")
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int):
+    """(model, host params or None). None: params are a seeded random init (see `Devices`)."""
+    m = config.model
+    overrides = {**m.overrides.to_dict(), "dtype": m.dtype, "remat": m.remat}
+    if m.hf_path:
+        dtype = overrides.pop("dtype")
+        return models.from_hf(m.hf_path, dtype=dtype, **overrides)
+    if m.preset == "tiny":
+        model_config = models.ModelConfig.tiny(**{"vocab_size": vocab_size, **overrides})
+    elif m.preset:
+        model_config = models.presets.get(m.preset, **overrides)
+    else:
+        raise ValueError("set config.model.hf_path (a local HF directory) or config.model.preset")
+    if model_config.vocab_size < vocab_size:
+        raise ValueError(
+            f"model vocab_size {model_config.vocab_size} < the tokenizer's {vocab_size} tokens"
+        )
+    return models.DecoderLM(model_config), None
+
+
+# ------------------------------------------------------------------------------------------
+# Devices: where state lives and how a step runs (a sharded mesh, or pmap replicas)
+# ------------------------------------------------------------------------------------------
+
+
+class Devices:
+    """Placement of params, states and batches for `parallel.mode` "jit" or "pmap".
+
+    jit: one program over a ("data", "fsdp", "tensor") mesh; params and optimizer state
+      sharded by the logical-axis rules, the reference by its own rules.
+    pmap: every local device holds a replica (leading [n_dev] axis); checkpoints hold one
+      copy, so a run may switch between the modes on resume.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, model, example_tokens):
+        p = config.parallel
+        self.mode = p.mode
+        if self.mode not in ("jit", "pmap"):
+            raise ValueError(f"config.parallel.mode must be 'jit' or 'pmap', got {p.mode!r}")
+        self.model = model
+        abstract = jax.eval_shape(model.init, jax.random.key(0), example_tokens)["params"]
+        self.param_specs = parallel.param_logical_specs(abstract)
+        self.abstract_params = parallel.unbox(abstract)
+        if self.mode == "pmap":
+            self.mesh = None
+            self.shards = jax.local_device_count()
+            return
+        self.mesh = parallel.make_mesh(tuple(p.mesh_shape))
+        self.rules = parallel.check_rules(p.logical_axis_rules, self.mesh)
+        if p.reference_rules not in parallel.REFERENCE_RULES:
+            raise ValueError(
+                f"config.parallel.reference_rules={p.reference_rules!r}; expected one of "
+                f"{sorted(parallel.REFERENCE_RULES)}"
+            )
+        self.reference_rules = parallel.REFERENCE_RULES[p.reference_rules]
+        self.param_shardings = self._shardings(self.abstract_params, self.rules)
+        self.shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
+
+    def _shardings(self, abstract, rules):
+        return parallel.state_shardings(abstract, self.mesh, rules, param_specs=self.param_specs)
+
+    def initial_params(self, host_params, seed: int):
+        """Params on devices: `host_params` (e.g. from_hf), or a random init from `seed`."""
+        if host_params is None:
+            init = lambda rng: parallel.unbox(  # noqa: E731
+                self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+            )
+            rng = jax.random.key(seed)
+            if self.mode == "pmap":
+                return jax.jit(init)(rng)
+            return jax.jit(init, out_shardings=self.param_shardings)(rng)
+        if self.mode == "pmap":
+            return jax.device_put(host_params)
+        return parallel.put_sharded(host_params, self.param_shardings)
+
+    def reference(self, params):
+        """The frozen reference: a placement of `params` that no step ever donates."""
+        if self.mode == "pmap":
+            return parallel.replicate(params)
+        return jax.device_put(params, self._shardings(self.abstract_params, self.reference_rules))
+
+    def new_state(self, params, tx, rng):
+        """A step-0 TrainState around a *copy* of `params` (the state is donated each step,
+        `params` may still be needed, e.g. as the reference)."""
+
+        def init(p, key):
+            return state_from_params(jax.tree.map(jnp.copy, p), tx, key)
+
+        if self.mode == "pmap":
+            return parallel.replicate(jax.jit(init)(params, rng))
+        abstract = jax.eval_shape(init, params, rng)
+        self.state_shardings = self._shardings(abstract, self.rules)
+        return jax.jit(init, out_shardings=self.state_shardings)(params, rng)
+
+    def compile(self, step_fn, reference) -> Callable:
+        """`step(state, local_batch_np) -> (state, host-ready metrics)`."""
+        if self.mode == "pmap":
+            run = parallel.pmap_step(step_fn)
+            return lambda state, local: _first(
+                run(state, parallel.shard_batch_pmap(local), reference)
+            )
+        ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
+        run = parallel.jit_step(step_fn, self.mesh, self.state_shardings, ref_shardings,
+                                parallel.batch_sharding(self.mesh), rules=self.rules)  # fmt: skip
+        return lambda state, local: run(state, parallel.shard_batch(local, self.mesh), reference)
+
+    def compile_eval(self, eval_fn, reference) -> Callable:
+        """`evaluate(params, local_batch_np) -> metrics` (params as the state holds them)."""
+        if self.mode == "pmap":
+            run = jax.pmap(eval_fn, axis_name=parallel.PMAP_AXIS)
+            return lambda params, local: jax.tree.map(
+                lambda x: x[0], run(params, parallel.shard_batch_pmap(local), reference)
+            )
+        replicated = NamedSharding(self.mesh, P())
+        ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
+        run = jax.jit(
+            eval_fn,
+            in_shardings=(
+                self.state_shardings.params,
+                parallel.batch_sharding(self.mesh),
+                ref_shardings,
+            ),  # fmt: skip
+            out_shardings=replicated,
+        )
+
+        def evaluate(params, local):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                return run(params, parallel.shard_batch(local, self.mesh), reference)
+
+        return evaluate
+
+    def to_checkpoint(self, state):
+        return parallel.unreplicate(state) if self.mode == "pmap" else state
+
+    def checkpoint_target(self, state):
+        return abstract_like(self.to_checkpoint(state))
+
+    def from_checkpoint(self, state):
+        return parallel.replicate(state) if self.mode == "pmap" else state
+
+    def params_of(self, state):
+        """The policy params of a state, one copy (for the next stage and for export)."""
+        return self.to_checkpoint(state).params
+
+
+def _first(out):
+    """pmap output -> (state, metrics of replica 0): metrics are pmean'ed, so all agree."""
+    state, metrics = out
+    return state, jax.tree.map(lambda x: x[0], metrics)
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-process data-iterator state
+# ------------------------------------------------------------------------------------------
+
+
+def _all_process_states(local_state: dict) -> list[dict]:
+    """Every process's iterator state (they differ: each reads its own shard)."""
+    if jax.process_count() == 1:
+        return [local_state]
+    encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([encoded.size]))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    rows = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(row[: int(n)]).decode())
+        for row, n in zip(rows, sizes.ravel(), strict=True)
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# One stage
+# ------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """Everything one stage needs; `run()` trains it to its last step and returns params."""
+
+    def __init__(self, name, config, workdir, devices, splits, writer, init_params, reference):
+        self.name, self.config, self.devices = name, config, devices
+        self.splits, self.writer = splits, writer
+        self.stage_config = config[name]
+        self.total = int(self.stage_config.steps)
+        self.init_params, self.reference = init_params, reference
+        self.checkpointer = StageCheckpointer(
+            os.path.join(os.path.abspath(workdir), "checkpoints", name),
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+        )
+        batch_size = self.stage_config.batch_size
+        if batch_size % jax.process_count():
+            raise ValueError(f"{name}.batch_size={batch_size} must divide by the process count")
+        self.local_batch = batch_size // jax.process_count()
+        if self.local_batch % devices.shards:
+            raise ValueError(
+                f"{name}.batch_size={batch_size}: each process's {self.local_batch} examples "
+                f"must divide into its {devices.shards} batch shards"
+            )
+        self.seed = config.seed + 1000 * (STAGES.index(name) + 1)
+
+    # --- build ------------------------------------------------------------------------
+
+    def _step_and_eval(self, tx):
+        c, model = self.stage_config, self.devices.model
+        axis = parallel.PMAP_AXIS if self.devices.mode == "pmap" else None
+        if self.name == "sft":
+            return steps.make_sft_step(model=model, tx=tx, grad_reduce_axis=axis), None
+        loss = dict(loss_name=c.loss.name, beta=c.loss.beta, loss_hparams=c.loss.hparams.to_dict(),
+                    memory_efficient=c.memory_efficient_logps)  # fmt: skip
+        step = steps.make_dpo_step(model=model, tx=tx, accum_steps=c.accum_steps,
+                                   grad_reduce_axis=axis, **loss)  # fmt: skip
+        return step, steps.make_eval_step(model=model, reduce_axis=axis, **loss)
+
+    def run(self):
+        c = self.stage_config
+        tx = make_optimizer({**c.optimizer.to_dict(), "total_steps": self.total})
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), STAGES.index(self.name))
+        state = self.devices.new_state(self.init_params, tx, rng)
+        train_iter = inputs.train_iterator(self.splits, self.config, self.name,
+                                           batch_size=self.local_batch, seed=self.seed)  # fmt: skip
+        nonfinite_total = 0
+
+        restored = self.checkpointer.restore_latest(self.devices.checkpoint_target(state))
+        if restored is not None:
+            step, host_state, data_states = restored
+            state = self.devices.from_checkpoint(host_state)
+            train_iter.set_state(data_states["iterators"][jax.process_index()])
+            nonfinite_total = data_states["nonfinite_steps"]
+            self.writer.drop_after(self.name, step)
+            log.info("%s: resumed from step %d of %d.", self.name, step, self.total)
+        step = int(jax.device_get(self.devices.to_checkpoint(state).step))
+
+        step_fn, eval_fn = self._step_and_eval(tx)
+        train = self.devices.compile(step_fn, self.reference)
+        evaluate = eval_fn and self.devices.compile_eval(eval_fn, self.reference)
+        if evaluate and step == 0:
+            self._log_eval(evaluate, state, 0)
+
+        log_every, eval_every = self.config.log.every_steps, self.config.eval.every_steps
+        ckpt_every = self.config.checkpoint.every_steps
+        bar = ProgressBar(self.name, self.total, step, self.config.log.progress_bar)
+        nonfinite = jnp.zeros((), jnp.float32)
+        tokens = jnp.zeros((), jnp.float32)
+        last_logged = step
+        while step < self.total:
+            state, metrics = train(state, next(train_iter))
+            step += 1
+            nonfinite = nonfinite + metrics["nonfinite_steps"]
+            tokens = tokens + metrics["tokens"]
+            last = step == self.total
+            if step % log_every == 0 or last:
+                m = to_python(metrics)
+                new_nonfinite = int(jax.device_get(nonfinite))
+                if new_nonfinite:
+                    log.warning("%s: %d non-finite step(s) skipped up to step %d (params kept).",
+                                self.name, new_nonfinite, step)  # fmt: skip
+                nonfinite_total += new_nonfinite
+                nonfinite = jnp.zeros((), jnp.float32)
+                m["nonfinite_steps_total"] = nonfinite_total
+                m["tokens_per_sec"] = bar.update(step - last_logged, m, float(tokens))
+                tokens, last_logged = jnp.zeros((), jnp.float32), step
+                self.writer.write(self.name, step, m)
+            if evaluate and (step % eval_every == 0 or last):
+                self._log_eval(evaluate, state, step)
+            if step % ckpt_every == 0 or last:
+                data_state = {"iterators": _all_process_states(train_iter.get_state()),
+                              "nonfinite_steps": nonfinite_total}  # fmt: skip
+                self.checkpointer.save(step, self.devices.to_checkpoint(state), data_state)
+        bar.close()
+        self.checkpointer.close()
+        train_iter.close()
+        return self.devices.params_of(state)
+
+    # --- evaluation ---------------------------------------------------------------------
+
+    def _log_eval(self, evaluate, state, step):
+        totals: dict[str, float] = {}
+        pairs = 0.0
+        params = state.params
+        for local in inputs.eval_iterator(self.splits, self.config, batch_size=self.local_batch):
+            m = to_python(evaluate(params, local))
+            n = m.pop("pairs")
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+            pairs += n
+            if (
+                self.config.eval.max_batches
+                and pairs >= self.config.eval.max_batches * self.local_batch
+            ):
+                break
+        metrics = {f"eval/{k}": v / max(pairs, 1.0) for k, v in totals.items()}
+        metrics["eval/pairs"] = pairs
+        self.writer.write(self.name, step, metrics)
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+
+def _write_config(config, workdir):
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _export(model, params, tokenizer, workdir):
+    """Writes the final policy as a Hugging Face directory `<workdir>/hf` (process 0)."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "hf")
+        models.to_hf(model, jax.device_get(params), path)
+        tokenizer.save_pretrained(path)
+        log.info("Exported the final policy to %s", path)
+
+
+def summarize(workdir: str) -> str:
+    """What DPO changed on the held-out pairs, read back from `<workdir>/metrics.jsonl`."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if r["stage"] == "dpo" and "eval/loss" in r]
+    if not evals:
+        return "no DPO evaluation recorded"
+    first, last = evals[0], evals[-1]
+    rows = [
+        ("reward accuracy", "rewards/accuracies"),
+        ("reward margin", "rewards/margins"),
+        ("chosen reward", "rewards/chosen"),
+        ("rejected reward", "rewards/rejected"),
+        ("chosen log-prob", "logps/chosen"),
+        ("rejected log-prob", "logps/rejected"),
+        ("DPO loss", "loss"),
+    ]
+    lines = [f"Held-out pairs ({int(last['eval/pairs'])}): step {first['step']} -> {last['step']}"]
+    for label, key in rows:
+        lines.append(f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}")
+    lines.append("  (at step 0 the policy is the reference: every reward is 0, so accuracy is 0)")
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Runs (or resumes) every stage of `config` in `workdir`; returns the final params."""
+    # --- process setup ---
+    p = config.parallel
+    parallel.initialize_distributed(p.coordinator_address or None, p.num_processes or None,
+                                    None if p.process_id < 0 else p.process_id)  # fmt: skip
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+    for stage in config.stages:
+        if stage not in STAGES:
+            raise ValueError(f"config.stages: unknown stage {stage!r}; expected {STAGES}")
+    if "dpo" in config.stages and config.dpo.reference == "none":
+        if losses.requires_reference(config.dpo.loss.name):
+            raise ValueError(f"loss {config.dpo.loss.name!r} needs a reference model "
+                             "(set config.dpo.reference='params')")  # fmt: skip
+    writer = MetricWriter(workdir, wandb_project=config.log.wandb_project,
+                          config=config.to_dict())  # fmt: skip
+
+    # --- data ---
+    if jax.process_index() == 0 and config.data.synthetic:
+        inputs.generate_synthetic(config.data, config.seed, os.path.join(workdir, "data"))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic data written")
+    splits = inputs.load_splits(config, workdir)
+
+    # --- model and devices ---
+    model, host_params = build_model(config, len(splits.tokenizer))
+    devices = Devices(config, model, jnp.zeros((1, 1), jnp.int32))
+    initial_params = params = devices.initial_params(host_params, config.seed)
+
+    # --- stages ---
+    for name in config.stages:
+        reference = None
+        if name == "dpo":
+            if config.dpo.init_from not in ("sft", "model"):
+                raise ValueError(f"config.dpo.init_from={config.dpo.init_from!r}: sft | model")
+            if config.dpo.init_from == "sft" and "sft" not in config.stages:
+                raise ValueError("config.dpo.init_from='sft' needs 'sft' in config.stages")
+            if config.dpo.init_from == "model":
+                params = initial_params
+            if config.dpo.reference == "params":
+                reference = devices.reference(params)
+            elif config.dpo.reference != "none":
+                raise ValueError(f"config.dpo.reference={config.dpo.reference!r}: params | none")
+        stage = Stage(name, config, workdir, devices, splits, writer, params, reference)
+        params = stage.run()
+
+    # --- export and summary ---
+    if config.export_hf:
+        _export(model, params, splits.tokenizer, workdir)
+    writer.close()
+    if jax.process_index() == 0 and "dpo" in config.stages:
+        print(summarize(workdir), flush=True)
+    return params
