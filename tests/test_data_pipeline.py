@@ -266,3 +266,23 @@ def test_tfds_data_source_with_a_real_tokenizer(tmp_path):
                 if m:
                     shard_ids.append(tokenizer.decode(row[row != tokenizer.pad_token_id]))
     assert len(shard_ids) == len(set(shard_ids)) == 7
+
+
+def test_shard_defaults_to_the_jax_process_and_arguments_are_checked():
+    import jax
+
+    it = pipeline.make_preference_iterator(
+        _records(4), tokenize_fn=_tokenize, batch_size=2, max_length=8
+    )
+    assert (it.spec["shard_index"], it.spec["shard_count"]) == (
+        jax.process_index(),
+        jax.process_count(),
+    )
+    with pytest.raises(ValueError, match="shard_index < shard_count"):
+        _iterator(_records(4), shard_index=2, shard_count=2)
+    with pytest.raises(ValueError, match="source is empty"):
+        _iterator([])
+    with pytest.raises(ValueError, match="tokenize_fn, or tokenizer and tokenize_config"):
+        pipeline.make_preference_iterator(_records(4), batch_size=2, max_length=8)
+    with pytest.raises(ValueError, match="layout"):
+        _iterator(_records(4), layout="ragged")
