@@ -9,6 +9,7 @@ from trl.data_utils import extract_prompt as trl_extract_prompt
 
 from dpo_jax.data import formats
 from dpo_jax.data.examples import (
+    BadRecordCounter,
     Location,
     PreferenceExample,
     RecordError,
@@ -295,3 +296,25 @@ def test_sft_records_and_chosen_side():
     assert formats.parse_sft(hh) == SFTExample(HH_CASES[1][2], HH_CASES[1][3])
     std = {"prompt": "p", "chosen": " c", "rejected": " r"}
     assert formats.parse_sft(std) == SFTExample("p", " c")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_record_error_pickles_and_counter_validates():
+    import pickle
+
+    err = RecordError("missing_field", "missing", file="a.jsonl", index=3, field="chosen")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.file, back.index, back.field) == (
+        "missing_field",
+        "a.jsonl",
+        3,
+        "chosen",
+    )
+    assert str(back) == str(err) == "a.jsonl, line 3, field 'chosen': missing [missing_field]"
+    with pytest.raises(ValueError, match="on_bad_record"):
+        BadRecordCounter("ignore")
+    counter = BadRecordCounter("raise")
+    with pytest.raises(RecordError):
+        counter.handle(err)

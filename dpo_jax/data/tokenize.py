@@ -297,6 +297,8 @@ def _joint(
 
 
 def _run(prompt, responses, fields, templated, tokenizer, cfg, stats):
+    if not templated and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token: responses could not be terminated")
     fn = _reference if cfg.mode == "reference" else _joint
     prompt_ids, response_ids = fn(prompt, responses, fields, templated, tokenizer, cfg, stats)
     if not prompt_ids:
