@@ -535,7 +535,8 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
     else:
         pad = batching.pad_pairs if kind == "preference" else batching.pad_sequences
         buckets = None if kw["buckets"] is None else [int(b) for b in kw["buckets"]]
-        spec.update(pad_to_multiple_of=kw["pad_to_multiple_of"], buckets=buckets)
+        multiple = kw["pad_to_multiple_of"]
+        spec.update(pad_to_multiple_of=None if multiple is None else int(multiple), buckets=buckets)
 
         def batch_fn(items):
             return pad(
