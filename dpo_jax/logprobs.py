@@ -75,115 +75,130 @@ def token_logps(logits, tokens):
 
 
 # ----------------------------------------------------------------------------------------
-# Memory-efficient path: chunked over the sequence (lax.map / scan) and optionally over the
-# vocabulary (online logsumexp), with a custom VJP that recomputes softmax chunk by chunk.
-# Internal layout: h [C, B, c, D] (C chunks of c positions), targets [C, B, c],
-# w [D, Vp] (V padded to a multiple of the vocab chunk vc).
+# Memory-efficient path: chunked over the sequence (lax.map / scan) and over the vocabulary
+# (online logsumexp), with a custom VJP that recomputes softmax chunk by chunk.
+# Internal layout: h [C, B, c, D] (C chunks of c positions), targets [C, B, c], w [D, V],
+# vocab blocks of vc columns.
 # ----------------------------------------------------------------------------------------
 
 
 def _vocab_block(w, j, vc):
-    """Columns [j*vc, (j+1)*vc) of w [D, Vp]; w itself when there is a single block."""
-    return w if w.shape[1] == vc else lax.dynamic_slice_in_dim(w, j * vc, vc, axis=1)
+    """Vocab block j of w [D, V] -> (w_j [D, vc], start, cols [vc], new [vc] bool).
+
+    Block j covers columns [j*vc, (j+1)*vc). When vc does not divide V the last block is
+    shifted left to end at V (so w is never padded, i.e. never copied) and `new` marks the
+    columns that an earlier block has not covered already.
+    """
+    vocab_size = w.shape[1]
+    if vc == vocab_size:
+        return w, 0, jnp.arange(vc), jnp.ones((vc,), bool)
+    start = jnp.minimum(j * vc, vocab_size - vc)
+    cols = start + jnp.arange(vc)
+    return lax.dynamic_slice_in_dim(w, start, vc, axis=1), start, cols, cols >= j * vc
 
 
-def _block_logits(h, w, j, vocab_size, vc):
-    """h [B, c, D] -> (logits [B, c, vc] float32 of vocab block j, column ids [vc])."""
-    logits = jnp.einsum(
-        "bcd,dv->bcv", h, _vocab_block(w, j, vc), preferred_element_type=jnp.float32
-    )
-    cols = j * vc + jnp.arange(vc)
-    # Columns that only pad V up to a multiple of vc must not enter the logsumexp.
-    return jnp.where(cols < vocab_size, logits, -jnp.inf), cols
+def _block_logits(h, w_j, new):
+    """h [B, c, D], w_j [D, vc] -> logits [B, c, vc] float32, -inf on columns seen before."""
+    logits = jnp.einsum("bcd,dv->bcv", h, w_j, preferred_element_type=jnp.float32)
+    return jnp.where(new, logits, -jnp.inf)
 
 
-def _chunk_forward(h, targets, w, vocab_size, vc):
+def _num_blocks(w, vc):
+    return -(-w.shape[1] // vc)
+
+
+def _chunk_forward(h, targets, w, vc):
     """One sequence chunk: h [B, c, D], targets [B, c] -> (logps [B, c], lse [B, c])."""
 
     def block(carry, j):
         running_max, sum_exp, picked = carry
-        logits, cols = _block_logits(h, w, j, vocab_size, vc)
+        w_j, _, cols, new = _vocab_block(w, j, vc)
+        logits = _block_logits(h, w_j, new)
         new_max = jnp.maximum(running_max, logits.max(-1))
         sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.exp(
             logits - new_max[..., None]
         ).sum(-1)
-        picked = picked + jnp.where(cols == targets[..., None], logits, 0.0).sum(-1)
+        is_target = (cols == targets[..., None]) & new
+        picked = picked + jnp.where(is_target, logits, 0.0).sum(-1)
         return (new_max, sum_exp, picked), None
 
     zeros = jnp.zeros(targets.shape, jnp.float32)
     init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros)
-    (running_max, sum_exp, picked), _ = lax.scan(block, init, jnp.arange(w.shape[1] // vc))
+    (running_max, sum_exp, picked), _ = lax.scan(block, init, jnp.arange(_num_blocks(w, vc)))
     lse = running_max + jnp.log(sum_exp)
-    valid = (targets >= 0) & (targets < vocab_size)
+    valid = (targets >= 0) & (targets < w.shape[1])
     return jnp.where(valid, picked - lse, jnp.nan), lse
 
 
-def _chunked_logps_fwd(h, w, targets, vocab_size, vc):
-    logps, lse = lax.map(lambda xs: _chunk_forward(xs[0], xs[1], w, vocab_size, vc), (h, targets))
+def _chunked_logps_fwd(h, w, targets, vc):
+    logps, lse = lax.map(lambda xs: _chunk_forward(xs[0], xs[1], w, vc), (h, targets))
     return logps, (h, w, targets, lse)
 
 
-def _chunked_logps_bwd(vocab_size, vc, residuals, g):
+def _chunked_logps_bwd(vc, residuals, g):
     h, w, targets, lse = residuals
     compute_dtype = jnp.result_type(h, w)
     # Invalid targets gave a constant NaN: no gradient flows from them.
-    g = jnp.where((targets >= 0) & (targets < vocab_size), g, 0.0).astype(jnp.float32)
+    g = jnp.where((targets >= 0) & (targets < w.shape[1]), g, 0.0).astype(jnp.float32)
 
-    def chunk(dw, xs):
-        h_c, targets_c, lse_c, g_c = xs
+    # Vocab blocks outside, sequence chunks inside: each block's d unembed is accumulated in
+    # float32 at [D, vc] only, then written once into a [D, V] buffer of w's dtype.
+    def block(carry, j):
+        dh, dw = carry
+        w_j, start, cols, new = _vocab_block(w, j, vc)
 
-        def block(carry, j):
-            dh, dw = carry
-            logits, cols = _block_logits(h_c, w, j, vocab_size, vc)
-            # d logp / d logits = onehot(target) - softmax, recomputed from the saved lse.
-            probs = jnp.exp(logits - lse_c[..., None])
-            onehot = (cols == targets_c[..., None]).astype(jnp.float32)
-            # Like autodiff of a matmul in the compute dtype: cotangent cast, f32 accumulation.
+        def chunk(dw_j, xs):
+            h_c, targets_c, lse_c, g_c = xs
+            # d logp / d logits = onehot(target) - softmax, recomputed from the saved lse;
+            # both are 0 on columns of an earlier block (logits -inf there).
+            probs = jnp.exp(_block_logits(h_c, w_j, new) - lse_c[..., None])
+            onehot = ((cols == targets_c[..., None]) & new).astype(jnp.float32)
+            # As autodiff of a matmul in the compute dtype: cotangent cast, f32 accumulation.
             dlogits = (g_c[..., None] * (onehot - probs)).astype(compute_dtype)
-            dh = dh + jnp.einsum(
-                "bcv,dv->bcd", dlogits, _vocab_block(w, j, vc), preferred_element_type=jnp.float32
+            dh_c = jnp.einsum("bcv,dv->bcd", dlogits, w_j, preferred_element_type=jnp.float32)
+            dw_j = dw_j + jnp.einsum(
+                "bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32
             )
-            dw_j = jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
-            if w.shape[1] == vc:
-                dw = dw + dw_j
-            else:
-                dw_j = _vocab_block(dw, j, vc) + dw_j
-                dw = lax.dynamic_update_slice_in_dim(dw, dw_j, j * vc, axis=1)
-            return (dh, dw), None
+            return dw_j, dh_c
 
-        init = (jnp.zeros(h_c.shape, jnp.float32), dw)
-        (dh, dw), _ = lax.scan(block, init, jnp.arange(w.shape[1] // vc))
-        return dw, dh.astype(h.dtype)
+        dw_j, dh_j = lax.scan(chunk, jnp.zeros(w_j.shape, jnp.float32), (h, targets, lse, g))
+        if w_j.shape == w.shape:
+            return (dh + dh_j, dw_j.astype(w.dtype)), None
+        dw_j = jnp.where(new, dw_j.astype(w.dtype), lax.dynamic_slice_in_dim(dw, start, vc, 1))
+        return (dh + dh_j, lax.dynamic_update_slice_in_dim(dw, dw_j, start, axis=1)), None
 
-    dw, dh = lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), (h, targets, lse, g))
-    return dh, dw.astype(w.dtype), None
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
+    (dh, dw), _ = lax.scan(block, init, jnp.arange(_num_blocks(w, vc)))
+    return dh.astype(h.dtype), dw, None
 
 
-# vocab_size and vc are static Python ints, hence nondiff arguments.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_logps(h, w, targets, vocab_size, vc):
-    return _chunked_logps_fwd(h, w, targets, vocab_size, vc)[0]
+# vc (vocab chunk) is a static Python int, hence a nondiff argument.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_logps(h, w, targets, vc):
+    return _chunked_logps_fwd(h, w, targets, vc)[0]
 
 
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
-def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_chunk_size=None):
+def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_chunk_size=8192):
     """Per-token log-probs from final hidden states, without materialising [B, L, V].
 
-    Equals `token_logps(hidden @ unembed, tokens)` (with the matmul accumulated in float32)
-    and has the same gradients w.r.t. hidden and unembed. Peak extra memory is about
-    B * chunk_size * vocab_chunk_size float32 values per live buffer plus a float32 [D, V]
-    gradient accumulator, instead of several [B, L, V] float32 arrays.
+    Equals `token_logps(hidden @ unembed, tokens)` (the matmul accumulated in float32,
+    logsumexp in float32) and has the same gradients w.r.t. hidden and unembed. Live memory
+    is a few float32 [B, chunk_size, vocab_chunk_size] blocks, a float32 [B, L, D] hidden
+    gradient and the [D, V] unembed gradient (in unembed's dtype), instead of several
+    float32 [B, L, V] arrays. Compute: the logits are computed twice (once more in the
+    backward pass), like rematerialisation.
 
     Args:
       hidden: [B, L, D] float (leading dims may be any batch shape), e.g. bfloat16.
       unembed: [D, V] float.
       tokens: [B, L] int.
       chunk_size: sequence positions per chunk; L need not be a multiple (padded inside).
-      vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks), or
-        None for the whole vocabulary at once. If it does not divide V, the unembedding is
-        padded, which copies it once.
+      vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks); need
+        not divide V. None = whole vocabulary at once, which keeps a float32 [D, V]
+        gradient accumulator (and, if unembed is sharded over vocab, avoids slicing it).
     Returns:
       [B, L] float32, same alignment as `token_logps` (entry 0 = 0).
     """
@@ -214,10 +229,7 @@ def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_
     targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
 
     vc = vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
-    vocab_pad = -vocab_size % vc
-    w = jnp.pad(unembed, ((0, 0), (0, vocab_pad))) if vocab_pad else unembed
-
-    logps = _chunked_logps(h, w, targets, vocab_size, vc)  # [C, rows, c]
+    logps = _chunked_logps(h, unembed, targets, vc)  # [C, rows, c]
     logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)[:, :n]
     return _shift_right(logps).reshape(tokens.shape)
 
