@@ -15,11 +15,13 @@ previous one is used: `restore_latest` walks back from the newest step.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ class StageCheckpointer:
         )
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps(read=True))
+        self._manager.reload()  # other processes or an earlier run may have written steps
+        return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Saves `state` and the JSON `data_state` at `step` (asynchronously if enabled)."""
@@ -87,8 +90,26 @@ class StageCheckpointer:
                     str(err).splitlines()[0] if str(err) else "",
                 )
                 continue
+            self._set_aside_steps_after(step)
             return step, state, data_state
         return None
+
+    def _set_aside_steps_after(self, step: int) -> None:
+        """Moves unreadable steps newer than `step` to `<directory>/unreadable/` (kept for
+        inspection, never deleted): the resumed run will save those step numbers again."""
+        newer = [s for s in self.all_steps() if s > step]
+        if not newer:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory / "unreadable"
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in newer:
+                target = aside / f"{s}.{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(s)).rename(target)
+                log.warning("Moved unreadable checkpoint step %d to %s.", s, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
