@@ -10,8 +10,8 @@ All log-softmax math runs in float32 whatever the compute dtype.
 Two ways to get token log-probs:
   * `token_logps(logits, tokens)` from full logits [B, L, V];
   * `token_logps_from_features(hidden, unembed, tokens)` from the final hidden states and
-    the unembedding matrix. It loops over chunks of the sequence (and optionally of the
-    vocabulary) and has a custom VJP that recomputes each chunk's softmax, so neither the
+    the unembedding matrix. It loops over chunks of the sequence and blocks of the
+    vocabulary and has a custom VJP that recomputes each block's softmax, so neither the
     forward nor the backward pass holds [B, L, V] in memory. With V = 128k this is most of
     the activation memory of a DPO step (see experiments/logprobs_memory/README.md).
 
@@ -67,9 +67,8 @@ def token_logps(logits, tokens):
     logits = logits[..., :-1, :].astype(jnp.float32)
     targets = tokens[..., 1:]
     valid = (targets >= 0) & (targets < vocab_size)
-    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, vocab_size - 1)[..., None], axis=-1)[
-        ..., 0
-    ]
+    safe_targets = jnp.clip(targets, 0, vocab_size - 1)[..., None]
+    picked = jnp.take_along_axis(logits, safe_targets, axis=-1)[..., 0]
     logps = picked - jax.nn.logsumexp(logits, axis=-1)
     return _shift_right(jnp.where(valid, logps, jnp.nan))
 
