@@ -86,6 +86,8 @@ def test_quickstart_writes_everything_a_run_promises(quickstart_run):
         train = [r for r in records if r["stage"] == stage and "loss" in r]
         assert [r["step"] for r in train] == list(range(1, steps + 1))
         assert all(np.isfinite(r["loss"]) and r["nonfinite_steps_total"] == 0 for r in train)
+        # Toy sequences are shorter than the padded length 32: some padding, never all.
+        assert all(0 < r["padding_fraction"] < 1 for r in train)
     evals = [r for r in records if r["stage"] == "dpo" and "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     # At step 0 the policy is the reference: DPO loss log 2, zero rewards.

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpo_jax import losses, models, parallel
+from dpo_jax.data import batching
 from dpo_jax.train import inputs, steps
 from dpo_jax.train.checkpoints import StageCheckpointer, abstract_like
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
@@ -291,7 +292,8 @@ class Stage:
         tokens = jnp.zeros((), jnp.float32)
         last_logged = step
         while step < self.total:
-            state, metrics = train(state, next(train_iter))
+            local = next(train_iter)
+            state, metrics = train(state, local)
             step += 1
             nonfinite = nonfinite + metrics["nonfinite_steps"]
             tokens = tokens + metrics["tokens"]
@@ -306,6 +308,7 @@ class Stage:
                 nonfinite = jnp.zeros((), jnp.float32)
                 m["nonfinite_steps_total"] = nonfinite_total
                 m["tokens_per_sec"] = bar.update(step - last_logged, m, float(tokens))
+                m["padding_fraction"] = batching.padding_fraction(local)
                 tokens, last_logged = jnp.zeros((), jnp.float32), step
                 self.writer.write(self.name, step, m)
             if evaluate and (step % eval_every == 0 or last):
