@@ -227,3 +227,70 @@ def test_kill_at_a_random_step_then_rerun_is_bitwise_exact(quickstart_run, tmp_p
         np.testing.assert_array_equal(
             reference[name], resumed[name], err_msg=f"{name} (kill seed {seed})"
         )
+
+
+def test_nonfinite_steps_keep_params_and_are_counted(tmp_path, monkeypatch):
+    """Batches 3 and 4 of a DPO run carry a token id outside the vocabulary (NaN log-probs):
+    both updates are skipped, counted and logged, and the run goes on."""
+    from dpo_jax.train import inputs
+
+    real_train_iterator = inputs.train_iterator
+
+    def poisoned(*args, **kwargs):
+        iterator = real_train_iterator(*args, **kwargs)
+        real_next = iterator.__next__
+        calls = {"n": 0}
+
+        def next_batch():
+            batch = real_next()
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                batch = dict(batch, tokens=np.where(batch["loss_mask"] == 1, 10**6,
+                                                    batch["tokens"]).astype(np.int32))  # fmt: skip
+            return batch
+
+        return _Wrapped(iterator, next_batch)
+
+    monkeypatch.setattr(inputs, "train_iterator", poisoned)
+    config = load_config("dpo")
+    with config.unlocked():
+        config.checkpoint.keep = 10
+    workdir = str(tmp_path / "run")
+    loop.run(config, workdir)
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 0, 0]
+    assert [r["nonfinite_steps_total"] for r in records] == [0, 0, 1, 2, 2, 2]
+    checkpointer = StageCheckpointer(os.path.join(workdir, "checkpoints", "dpo"))
+    assert checkpointer.all_steps() == [2, 4, 6]
+    params = {}
+    for step in (2, 4):
+        path = os.path.join(workdir, "checkpoints", "dpo", str(step), "state")
+        params[step] = _restore_params(path)
+    for name in params[2]:
+        np.testing.assert_array_equal(params[2][name], params[4][name], err_msg=name)
+
+
+class _Wrapped:
+    """An iterator whose batches come from `next_batch`, other methods from `inner`."""
+
+    def __init__(self, inner, next_batch):
+        self._inner, self._next = inner, next_batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._next()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _restore_params(path) -> dict[str, np.ndarray]:
+    """Flat {name: array} of the params in an orbax `state` item (read on the host)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore(path)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree["params"])
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
