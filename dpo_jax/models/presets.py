@@ -12,6 +12,8 @@ meta-llama/Meta-Llama-3-8B, Qwen/Qwen2.5-0.5B, google/gemma-2b, mistralai/Mistra
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,6 +184,7 @@ def param_shapes(config: ModelConfig):
     return jax.eval_shape(DecoderLM(config).init, jax.random.key(0), tokens)["params"]
 
 
+@functools.lru_cache(maxsize=64)
 def count_params(config: ModelConfig) -> int:
     """Number of parameters (a tied embedding counted once), without allocating them."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))
