@@ -272,22 +272,28 @@ def init_sharded(
     mesh: Mesh,
     rules: Rules,
     param_specs: Any = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Runs `init_fn(*args)` under jit so that its result is created already sharded.
 
     Returns (unboxed state, its NamedShardings). No full copy ever lives on one device.
+    compiler_options: extra XLA options for this compilation (as in `jax.jit`).
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = state_shardings(abstract, mesh, rules, param_specs=param_specs)
-    state = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    init = jax.jit(
+        lambda *a: unbox(init_fn(*a)), out_shardings=shardings, compiler_options=compiler_options
+    )
+    state = init(*args)
     return state, shardings
 
 
 def put_sharded(tree: Any, shardings: Any) -> Any:
-    """Places a host (numpy) or single-device pytree, e.g. `from_hf` params, on the mesh.
+    """Places a host (numpy) or device pytree, e.g. `from_hf` params, on the mesh.
 
-    Multi-host: every process must pass the same values."""
-    return jax.device_put(unbox(tree), shardings)
+    Always a fresh copy (never aliases `tree`), so the result may be donated while `tree`
+    lives on, e.g. as the reference. Multi-host: every process passes the same values."""
+    return jax.device_put(unbox(tree), shardings, may_alias=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,9 +321,8 @@ def shard_batch(local_batch: Mapping[str, np.ndarray] | Any, mesh: Mesh) -> Any:
     """
     sharding = batch_sharding(mesh)
     # Shards of the leading dim that this process holds, i.e. what its slice must divide by.
-    local_shards = len(
-        {idx[0] for idx in sharding.addressable_devices_indices_map((mesh.size,)).values()}
-    )
+    index_map = sharding.addressable_devices_indices_map((mesh.size,))
+    local_shards = len({(idx[0].start, idx[0].stop) for idx in index_map.values()})
     for name, x in _named_items(local_batch):
         if np.ndim(x) == 0 or np.shape(x)[0] % local_shards:
             raise ValueError(
@@ -342,6 +347,7 @@ def jit_step(
     batch_sharding: NamedSharding,
     *,
     rules: Rules = DEFAULT_RULES,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """`step_fn(state, batch, reference) -> (state, metrics)` compiled once for `mesh`.
 
@@ -350,6 +356,8 @@ def jit_step(
     `nn.logical_axis_rules(rules)`, so the models' logical activation constraints
     (act_batch, act_heads, ...) bind to the mesh when the step is traced.
     reference_shardings: None when the reference is None (cached logps / reference-free).
+    compiler_options: extra XLA options for this compilation (as in `jax.jit`), e.g. GPU/TPU
+      scheduler flags.
     """
     rules = check_rules(rules, mesh)
     replicated = NamedSharding(mesh, P())
@@ -358,13 +366,19 @@ def jit_step(
         in_shardings=(state_shardings, batch_sharding, reference_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=compiler_options,
     )
 
     def step(state, batch, reference):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch, reference)
 
-    step.jitted = jitted
+    def lower(state, batch, reference):
+        """`jax.stages.Lowered` of the step (HLO text, memory and cost analysis)."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch, reference)
+
+    step.lower = lower
     return step
 
 
