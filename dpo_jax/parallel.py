@@ -483,10 +483,10 @@ def initialize_distributed(
     )
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     if coordinator_address is None and num_processes is None and process_id is None:
         if not auto_detect:
             return False
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         jax.distributed.initialize()
         return True
     if num_processes == 1:
@@ -510,6 +510,7 @@ def initialize_distributed(
         raise ValueError(
             f"initialize_distributed: process_id={process_id} not in [0, {num_processes})"
         )
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

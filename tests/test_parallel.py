@@ -273,3 +273,35 @@ def test_layout_matches_single_device(layout, reference_rules, batches, single_d
     _, initial = lib.initial_state()
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), want_params, initial.params)
     assert max(jax.tree.leaves(moved)) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-host setup (the real 2-process run is in test_multihost.py)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID,
+                 "JAX_COORDINATOR_ADDRESS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_initialize_distributed_is_a_no_op_for_one_process(clean_env):
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed("127.0.0.1:1234", num_processes=1, process_id=0) is False
+    clean_env.setenv(parallel.ENV_NUM_PROCESSES, "1")
+    assert parallel.initialize_distributed() is False
+    assert not jax.distributed.is_initialized()
+
+
+def test_initialize_distributed_rejects_incomplete_or_bad_settings(clean_env):
+    with pytest.raises(ValueError, match=r"\['num_processes', 'process_id'\] not given"):
+        parallel.initialize_distributed("127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"process_id=2 not in \[0, 2\)"):
+        parallel.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+    clean_env.setenv(parallel.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="DPO_JAX_NUM_PROCESSES='two' is not an integer"):
+        parallel.initialize_distributed("127.0.0.1:1234")
+    assert not jax.distributed.is_initialized()
