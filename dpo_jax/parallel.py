@@ -202,7 +202,7 @@ def logical_to_mesh_spec(
 
 
 def _is_box(x) -> bool:
-    return isinstance(x, meta.AxisMetadata)
+    return isinstance(x, meta.Partitioned)  # nn.LogicallyPartitioned is a subclass
 
 
 def _leaf_sharding(mesh: Mesh, rules: Rules, x, logical) -> NamedSharding:
@@ -239,7 +239,7 @@ def state_shardings(
         def subtree(x):
             if mirrors_params(x):
                 return jax.tree.map(
-                    lambda a, s: _leaf_sharding(mesh, rules, meta.unbox(a), s),
+                    lambda a, s: _leaf_sharding(mesh, rules, unbox(a), s),
                     x,
                     param_specs,
                     is_leaf=_is_box,
@@ -254,15 +254,18 @@ def state_shardings(
 
 def _tree_shardings(tree, mesh, rules):
     def leaf(x):
-        if _is_box(x):
-            return _leaf_sharding(mesh, rules, x.unbox(), x.get_partition_spec())
+        if isinstance(x, nn.LogicallyPartitioned):
+            return _leaf_sharding(mesh, rules, x.value, x.get_partition_spec())
+        if _is_box(x):  # nn.Partitioned: already mesh axis names
+            return NamedSharding(mesh, x.get_partition_spec())
         return NamedSharding(mesh, P())
 
     return jax.tree.map(leaf, tree, is_leaf=_is_box)
 
 
 def unbox(tree: Any) -> Any:
-    """Strips `nn.LogicallyPartitioned` boxes (no sharding constraint is applied)."""
+    """Strips `nn.LogicallyPartitioned` boxes. Unlike `nn.meta.unbox` it never applies a
+    sharding constraint, so it is safe on abstract values and inside a mesh context."""
     return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 

@@ -2,6 +2,7 @@
 the jitted step's activation constraints, and the key property: every mesh layout and the
 pmap path train exactly like one device."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +97,10 @@ def test_param_and_optimizer_shardings_follow_the_rules():
     assert any(scalars.values())
     assert all(opt[k] == P() for k, is_scalar in scalars.items() if is_scalar)
     assert all(s.mesh == mesh for s in jax.tree.leaves(shardings))
+    # The same inside a mesh + rules context (where flax's own unbox would constrain).
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+        again = parallel.state_shardings(abstract, mesh, parallel.DEFAULT_RULES)
+    assert _specs(again) == _specs(shardings)
 
 
 def test_unboxed_state_with_param_specs_gets_the_same_shardings():
