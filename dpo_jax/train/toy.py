@@ -1,0 +1,123 @@
+"""A toy preference task and a small in-memory training driver, for tests and notebooks.
+
+`marker_pairs` builds pairs that differ only in their last response token: chosen
+responses end in one of `num_markers` "good" tokens, rejected ones in a "bad" token. A
+policy separates them once it learns the two token sets, so a few dozen DPO steps on a tiny
+model take held-out preference accuracy from chance to ~1.
+
+`train_on_pairs` runs the real jitted DPO step (`make_dpo_step`) and evaluation
+(`make_eval_step`) on such pairs with the policy's initial params as the frozen reference;
+it is the loop of `dpo_jax.train` without checkpoints, sharding or logging.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax.data.batching import pad_pairs
+from dpo_jax.data.examples import TokenizedPair
+from dpo_jax.train import optimizers, state, steps
+
+BOS = 1
+
+
+def marker_pairs(
+    num_pairs: int,
+    *,
+    seed: int = 0,
+    vocab_size: int = 64,
+    prompt_length: int = 3,
+    response_length: int = 2,
+    num_markers: int = 8,
+) -> list[TokenizedPair]:
+    """Pairs separable by the last response token.
+
+    prompt = BOS + `prompt_length` content tokens; both responses = the same
+    `response_length` content tokens + a marker: chosen from the good set
+    [V - 2m, V - m), rejected from the bad set [V - m, V) (m = num_markers, V = vocab_size).
+    Content tokens are drawn from [2, V - 2m).
+    """
+    content_high = vocab_size - 2 * num_markers
+    if content_high <= 2:
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no content tokens with num_markers={num_markers}"
+        )
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(num_pairs):
+        prompt = [BOS, *rng.integers(2, content_high, prompt_length).tolist()]
+        body = rng.integers(2, content_high, response_length).tolist()
+        good = int(rng.integers(content_high, content_high + num_markers))
+        bad = int(rng.integers(content_high + num_markers, vocab_size))
+        pairs.append(TokenizedPair(prompt, [*body, good], [*body, bad]))
+    return pairs
+
+
+def preference_accuracy(params, batch, *, model) -> jax.Array:
+    """Fraction of real pairs whose chosen response the model itself finds more likely."""
+    logps = steps.reference_logps(params, batch, model=model)
+    real = batch["pair_mask"] != 0
+    return jnp.where(real, logps[:, 0] > logps[:, 1], False).sum() / jnp.maximum(real.sum(), 1)
+
+
+def train_on_pairs(
+    model,
+    params,
+    train_pairs: Sequence[TokenizedPair],
+    eval_pairs: Sequence[TokenizedPair],
+    *,
+    loss_name: str = "sigmoid",
+    beta: float = 0.1,
+    loss_hparams: Mapping[str, Any] | None = None,
+    optimizer: Mapping[str, Any] | None = None,
+    num_steps: int = 50,
+    batch_size: int = 16,
+    max_length: int = 16,
+    eval_every: int = 10,
+    seed: int = 0,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """DPO-trains `params` on `train_pairs` (reference = the initial params).
+
+    optimizer: `make_optimizer` fields (default AdamW, lr 3e-3, 5 warmup steps).
+    Returns {"train": per-step metrics, "eval": held-out metrics at steps 0, eval_every,
+    ..., num_steps (each with "step" and "policy_accuracy" added)}; values are Python floats.
+    The eval set is scored as one batch. compiler_options: passed to `jax.jit` (e.g. a
+    lower XLA optimisation level, which halves compile time on CPU).
+    """
+    opt = {"name": "adamw", "learning_rate": 3e-3, "warmup_steps": 5, "max_grad_norm": 10.0}
+    tx = optimizers.make_optimizer({**opt, **(optimizer or {})})
+    reference = params
+    train_state = state.state_from_params(params, tx, jax.random.PRNGKey(seed))
+    loss = dict(loss_name=loss_name, beta=beta, loss_hparams=loss_hparams)
+    jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    step = jit(steps.make_dpo_step(model=model, tx=tx, **loss))
+    evaluate = jit(steps.make_eval_step(model=model, **loss))
+    accuracy = jit(lambda p, b: preference_accuracy(p, b, model=model))
+    eval_batch = pad_pairs(eval_pairs, max_length=max_length)
+
+    def run_eval(step_num, p):
+        metrics = {k: float(v) for k, v in evaluate(p, eval_batch, reference).items()}
+        metrics.update(step=step_num, policy_accuracy=float(accuracy(p, eval_batch)))
+        return metrics
+
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    history: dict[str, Any] = {"train": [], "eval": [run_eval(0, params)]}
+    for i in range(1, num_steps + 1):
+        if len(order) < batch_size:  # reshuffle per epoch; a partial tail joins the next
+            order += rng.permutation(len(train_pairs)).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        batch = pad_pairs([train_pairs[j] for j in chosen], max_length=max_length)
+        train_state, metrics = step(train_state, batch, reference)
+        history["train"].append({k: float(v) for k, v in metrics.items()})
+        if i % eval_every == 0 or i == num_steps:
+            history["eval"].append(run_eval(i, train_state.params))
+    history["params"] = train_state.params
+    return history
