@@ -182,3 +182,8 @@ def test_bad_inputs_and_configs():
         model.apply({"params": params}, tokens, positions=jnp.zeros((2, 5), jnp.int32))
     with pytest.raises(ValueError, match=r"tokens must be \[B, L\]"):
         model.apply({"params": params}, tokens[0])
+    with pytest.raises(ValueError, match="tokens must be integers"):
+        model.apply({"params": params}, tokens.astype(jnp.float32))
+    gpt2 = DecoderLM(ModelConfig.tiny("gpt2", max_position_embeddings=8))
+    with pytest.raises(ValueError, match="length 12 exceeds max_position_embeddings=8"):
+        gpt2.apply({"params": random_params(gpt2)}, tokens)

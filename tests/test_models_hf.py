@@ -216,6 +216,24 @@ def test_bfloat16_checkpoint_loads_as_float32(llama_dir, tmp_path):
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
 
 
+def test_gpt2_checkpoint_without_prefix_and_with_mask_buffers(tmp_path):
+    """The original GPT-2 checkpoints name tensors without "transformer." and carry
+    causal-mask buffers (h.N.attn.bias); both load."""
+    hf_model = make_hf_model(CASES["gpt2"]())
+    hf_model.save_pretrained(tmp_path / "src")
+
+    def edit(tensors):
+        for name in list(tensors):
+            tensors[name.removeprefix("transformer.")] = tensors.pop(name)
+        tensors["h.0.attn.bias"] = np.tril(np.ones((32, 32), np.float32))[None, None]
+
+    path = copy_checkpoint(tmp_path / "src", tmp_path, edit=edit)
+    model, params = from_hf(path)
+    tokens = np.random.default_rng(6).integers(0, 256, (1, 8))
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got, hf_logits(hf_model, tokens), atol=ATOL, rtol=0)
+
+
 def test_unsupported_model_type(llama_dir, tmp_path):
     path = copy_checkpoint(
         llama_dir[0], tmp_path, config_edit=lambda c: c.update(model_type="bert")

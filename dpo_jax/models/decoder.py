@@ -72,6 +72,14 @@ class DecoderLM(nn.Module):
         if tokens.ndim != 2:
             raise ValueError(f"DecoderLM: tokens must be [B, L], got shape {tokens.shape}")
         B, L = tokens.shape
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"DecoderLM: tokens must be integers, got dtype {tokens.dtype}")
+        if self.config.position == "learned" and L > self.config.max_position_embeddings:
+            # An out-of-range position would gather NaN embeddings without any error.
+            raise ValueError(
+                f"DecoderLM: length {L} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings} of the learned position table"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
