@@ -206,9 +206,8 @@ def test_kill_at_a_random_step_then_rerun_is_bitwise_exact(quickstart_run, tmp_p
     command = [sys.executable, "-m", "dpo_jax.main",
                "--config=" + os.path.join(ROOT, "configs", "quickstart.py") + ":tiny",
                "--workdir=" + workdir]  # fmt: skip
-    # The same devices and matmul precision as this process (tests/conftest.py).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}  # fmt: skip
+    # The same XLA flags (inherited) and matmul precision as this process (conftest.py).
+    env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     metrics_path = os.path.join(workdir, "metrics.jsonl")
