@@ -297,7 +297,9 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
 def to_hf(model: DecoderLM, params, path: str) -> None:
     """Write config.json + model.safetensors (float32) that transformers loads.
 
-    params: the pytree of `model` (boxed or plain, jax or numpy arrays; gathered to host).
+    params: the pytree of `model` (boxed or plain, jax or numpy arrays). Each array is
+    copied to host with np.asarray, so params sharded across several hosts must be gathered
+    first (e.g. jax.experimental.multihost_utils.process_allgather) and written by one host.
     """
     cfg = model.config
     check_exportable(cfg)
