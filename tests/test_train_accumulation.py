@@ -42,7 +42,7 @@ def packed():
 def _big_batch(model, loss_name):
     """(loss, metrics), grads of `dpo_loss` on the whole batch, jitted."""
     loss = lambda p, r, b: steps.dpo_loss(p, r, b, model=model, loss_name=loss_name)
-    return lib.jit(jax.value_and_grad(loss, has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_accumulation_of_a_batch_mixing_loss(model, policy, reference, padded):
 def test_grad_reduce_axis_matches_one_big_batch(model, policy, reference, padded, whole):
     # Two data-parallel shards with 4 and 1 real pairs: psum of sums / psum of counts, not a
     # mean of means. vmap with an axis name runs the same collectives as pmap, in one program.
-    step = lib.jit(
+    step = jax.jit(
         jax.vmap(
             steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1, grad_reduce_axis="batch"),
             axis_name="batch",
@@ -109,10 +109,10 @@ def test_sft_step_is_the_token_mean_nll_and_accumulates(model, policy):
         token_logps = logprobs.token_logps(model.apply({"params": p}, b["tokens"]), b["tokens"])
         return -logprobs.masked_sum(token_logps, b["loss_mask"]).sum() / b["loss_mask"].sum()
 
-    want_loss, want_grads = lib.jit(jax.value_and_grad(nll))(policy, batch)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(nll))(policy, batch)
     state = lib.sgd_state(policy)
     for accum_steps in (1, 2):
-        step = lib.jit(steps.make_sft_step(model=model, tx=lib.SGD, accum_steps=accum_steps))
+        step = jax.jit(steps.make_sft_step(model=model, tx=lib.SGD, accum_steps=accum_steps))
         new_state, metrics = step(state, batch)
         np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
         assert float(metrics["tokens"]) == 16 and float(metrics["nonfinite_steps"]) == 0

@@ -48,7 +48,7 @@ def packed():
 @pytest.fixture(scope="module")
 def score(model):
     """Jitted `reference_logps`, shared so that each batch layout compiles once."""
-    return lib.jit(lambda p, b: steps.reference_logps(p, b, model=model))
+    return jax.jit(lambda p, b: steps.reference_logps(p, b, model=model))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def baseline(model, policy, reference, padded):
     reference_before = jax.tree.map(np.array, reference)
     state = lib.sgd_state(jax.tree.map(jnp.copy, policy))  # donated below
     params_before = jax.tree.map(np.array, state.params)
-    step = lib.jit(steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1), donate_argnums=(0,))
+    step = jax.jit(steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1), donate_argnums=(0,))
     new_state, metrics = step(state, padded, reference)
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), params_before, new_state.params)
     return grads, metrics, reference_before
@@ -85,7 +85,7 @@ def _separate_logps(model, params, batch):
 
 def test_concatenated_forward_equals_separate_forwards(model, policy, padded, baseline, score):
     got = score(policy, padded)
-    want = lib.jit(lambda p, b: _separate_logps(model, p, b))(policy, padded)
+    want = jax.jit(lambda p, b: _separate_logps(model, p, b))(policy, padded)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     real = padded["pair_mask"] == 1
     _, metrics, _ = baseline
@@ -122,7 +122,7 @@ def test_reference_gets_zero_gradient_and_is_not_modified(
     model, policy, reference, padded, baseline
 ):
     loss = lambda p, r, b: steps.dpo_loss(p, r, b, model=model)[0]
-    policy_grads, ref_grads = lib.jit(jax.grad(loss, (0, 1)))(policy, reference, padded)
+    policy_grads, ref_grads = jax.jit(jax.grad(loss, (0, 1)))(policy, reference, padded)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(ref_grads))
     # The same gradient as the step's (which never differentiates the reference at all).
     lib.assert_trees_close(policy_grads, baseline[0])
@@ -183,7 +183,7 @@ def test_step_keys_are_never_reused(policy):
 
 def test_memory_efficient_logps_match(model, policy, padded, score):
     plain = score(policy, padded)
-    fast = lib.jit(
+    fast = jax.jit(
         lambda p, b: steps.reference_logps(p, b, model=model, memory_efficient=True, chunk_size=5)
     )(policy, padded)
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
@@ -191,7 +191,7 @@ def test_memory_efficient_logps_match(model, policy, padded, score):
 
 
 def test_eval_step_matches_train_metrics(model, policy, reference, padded, baseline):
-    metrics = lib.jit(steps.make_eval_step(model=model, beta=0.1))(policy, padded, reference)
+    metrics = jax.jit(steps.make_eval_step(model=model, beta=0.1))(policy, padded, reference)
     _, want, _ = baseline
     assert set(metrics) == set(want) - {"grad_norm", "nonfinite_steps"}
     for name in metrics:
@@ -239,10 +239,20 @@ def test_dpo_learns_a_separable_toy_set(model):
     history = toy.train_on_pairs(
         model, lib.random_params(model, 2), toy.marker_pairs(256, seed=1),
         toy.marker_pairs(64, seed=2), loss_name="sigmoid", num_steps=40, eval_every=40,
-        compiler_options=lib.FAST_COMPILE,
     )  # fmt: skip
     first, last = history["eval"][0], history["eval"][-1]
     assert 0.2 < first["policy_accuracy"] < 0.8
     assert first["rewards/accuracies"] == 0  # policy == reference: all implicit rewards tie
     assert last["policy_accuracy"] > 0.9 and last["rewards/accuracies"] > 0.9
     assert last["loss"] < first["loss"] - 0.1
+
+
+def test_loss_curve_of_dpo_is_the_logistic_loss_and_weight():
+    m = np.linspace(-30.0, 30.0, 13)
+    curve = toy.loss_curve("sigmoid", m, beta=0.1)
+    h = 0.1 * m
+    np.testing.assert_allclose(curve["reward_margin"], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(curve["loss"], np.log1p(np.exp(-h)), rtol=1e-5)
+    np.testing.assert_allclose(curve["weight"], 1 / (1 + np.exp(h)), rtol=1e-4)
+    with pytest.raises(ValueError, match=">= 2 values"):
+        toy.loss_curve("sigmoid", [1.0])

@@ -17,15 +17,9 @@ from dpo_jax.train import state as train_state
 from dpo_jax.train import steps
 
 L = 16
-# Cheaper XLA compilation on CPU; numerics are unaffected at float32 tolerances.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # On the first update the momentum trace equals the gradient, so new params = params - grads;
 # and the optimizer has a state that the non-finite guard must keep.
 SGD = optax.sgd(1.0, momentum=0.9)
-
-
-def jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
 def tiny_model() -> DecoderLM:
@@ -90,4 +84,4 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
 
 
 def dpo_step(model, **kwargs):
-    return jit(steps.make_dpo_step(model=model, tx=SGD, beta=0.1, **kwargs))
+    return jax.jit(steps.make_dpo_step(model=model, tx=SGD, beta=0.1, **kwargs))

@@ -5,6 +5,9 @@ responses end in one of `num_markers` "good" tokens, rejected ones in a "bad" to
 policy separates them once it learns the two token sets, so a few dozen DPO steps on a tiny
 model take held-out preference accuracy from chance to ~1.
 
+`loss_curve` evaluates a registered loss along a sweep of log-ratio margins (the loss, its
+implicit reward margin and its gradient weight), for plots of the loss family.
+
 `train_on_pairs` runs the real jitted DPO step (`make_dpo_step`) and evaluation
 (`make_eval_step`) on such pairs with the policy's initial params as the frozen reference;
 it is the loop of `dpo_jax.train` without checkpoints, sharding or logging.
@@ -12,14 +15,15 @@ it is the loop of `dpo_jax.train` without checkpoints, sharding or logging.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import losses
 from dpo_jax.data.batching import pad_pairs
 from dpo_jax.data.examples import TokenizedPair
 from dpo_jax.train import optimizers, state, steps
@@ -59,6 +63,13 @@ def marker_pairs(
     return pairs
 
 
+def init_params(model, seed: int = 0, length: int = 16):
+    """Unboxed float32 params of `model` (e.g. a `DecoderLM`) from `model.init`, jitted."""
+    tokens = jnp.zeros((1, length), jnp.int32)
+    boxed = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
+    return nn.meta.unbox(boxed)
+
+
 def preference_accuracy(params, batch, *, model) -> jax.Array:
     """Fraction of real pairs whose chosen response the model itself finds more likely."""
     logps = steps.reference_logps(params, batch, model=model)
@@ -81,25 +92,22 @@ def train_on_pairs(
     max_length: int = 16,
     eval_every: int = 10,
     seed: int = 0,
-    compiler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """DPO-trains `params` on `train_pairs` (reference = the initial params).
 
     optimizer: `make_optimizer` fields (default AdamW, lr 3e-3, 5 warmup steps).
     Returns {"train": per-step metrics, "eval": held-out metrics at steps 0, eval_every,
     ..., num_steps (each with "step" and "policy_accuracy" added)}; values are Python floats.
-    The eval set is scored as one batch. compiler_options: passed to `jax.jit` (e.g. a
-    lower XLA optimisation level, which halves compile time on CPU).
+    The eval set is scored as one batch.
     """
     opt = {"name": "adamw", "learning_rate": 3e-3, "warmup_steps": 5, "max_grad_norm": 10.0}
     tx = optimizers.make_optimizer({**opt, **(optimizer or {})})
     reference = params
     train_state = state.state_from_params(params, tx, jax.random.PRNGKey(seed))
     loss = dict(loss_name=loss_name, beta=beta, loss_hparams=loss_hparams)
-    jit = functools.partial(jax.jit, compiler_options=compiler_options)
-    step = jit(steps.make_dpo_step(model=model, tx=tx, **loss))
-    evaluate = jit(steps.make_eval_step(model=model, **loss))
-    accuracy = jit(lambda p, b: preference_accuracy(p, b, model=model))
+    step = jax.jit(steps.make_dpo_step(model=model, tx=tx, **loss))
+    evaluate = jax.jit(steps.make_eval_step(model=model, **loss))
+    accuracy = jax.jit(lambda p, b: preference_accuracy(p, b, model=model))
     eval_batch = pad_pairs(eval_pairs, max_length=max_length)
 
     def run_eval(step_num, p):
@@ -121,3 +129,51 @@ def train_on_pairs(
             history["eval"].append(run_eval(i, train_state.params))
     history["params"] = train_state.params
     return history
+
+
+def loss_curve(
+    loss: str | losses.Loss,
+    log_ratio_margins,
+    *,
+    beta: float = 0.1,
+    base_logps: float = -30.0,
+    length: float = 30.0,
+    **hparams,
+) -> dict[str, np.ndarray]:
+    """A loss along a sweep of pairs whose log-ratio margin `m = c - r` varies.
+
+    Pair i has reference log-probs `base_logps` on both sides, policy log-probs
+    `base_logps + m_i / 2` (chosen) and `base_logps - m_i / 2` (rejected), and `length` scored
+    tokens per response, so reference-free losses see the same policy log-probs.
+    log_ratio_margins: [B] increasing, B >= 2 (order-based losses such as AOT sort the batch).
+    Returns numpy [B] arrays: `reward_margin` (the loss's own chosen - rejected reward; for
+    DPO `beta * m`), `loss`, and `weight = -d loss / d reward_margin` (how hard a gradient
+    step pushes that pair's margin up; DPO: `sigma(-beta m)`).
+    """
+    fn = losses.get(loss)
+    m = jnp.asarray(log_ratio_margins, jnp.float32)
+    if m.ndim != 1 or m.shape[0] < 2:
+        raise ValueError(f"log_ratio_margins must be a 1-D sweep of >= 2 values, got {m.shape}")
+    ones = jnp.ones_like(m)
+
+    def evaluate(m):
+        lp = losses.PreferenceLogps(
+            chosen_logps=base_logps + m / 2, rejected_logps=base_logps - m / 2,
+            ref_chosen_logps=base_logps * ones, ref_rejected_logps=base_logps * ones,
+            chosen_lengths=length * ones, rejected_lengths=length * ones,
+        )  # fmt: skip
+        out = fn(lp, beta=beta, **hparams)
+        return out.losses, out.chosen_rewards - out.rejected_rewards
+
+    (loss_values, reward_margin), (dloss, _) = jax.jvp(evaluate, (m,), (ones,))
+    # Rewards are stop_gradient'ed inside the losses (so autodiff gives d margin / d m = 0);
+    # they are linear in m, so differences along the sweep give the slope exactly.
+    reward_margin = np.asarray(reward_margin)
+    dmargin = np.gradient(reward_margin, np.asarray(m))
+    weight = -np.asarray(dloss) / np.where(dmargin == 0, np.nan, dmargin)
+    return {
+        "log_ratio_margin": np.asarray(m),
+        "reward_margin": reward_margin,
+        "loss": np.asarray(loss_values),
+        "weight": weight,
+    }
