@@ -1,3 +1,3 @@
-"""dpo_jax: Direct Preference Optimization (Rafailov et al. 2023) and its loss family in JAX/Flax."""
+"""dpo_jax: Direct Preference Optimization (Rafailov et al. 2023) and its losses in JAX/Flax."""
 
 __version__ = "0.1.0"

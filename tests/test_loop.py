@@ -93,6 +93,8 @@ def test_quickstart_writes_everything_a_run_promises(quickstart_run):
     # At step 0 the policy is the reference: DPO loss log 2, zero rewards.
     assert evals[0]["eval/loss"] == pytest.approx(np.log(2), abs=1e-6)
     assert evals[0]["eval/rewards/margins"] == 0.0
+    assert 0.0 <= evals[0]["eval/logps/accuracies"] <= 1.0
+    assert evals[0]["eval/pairs"] == 64 and evals[0]["eval/tokens"] > 64 * 2
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["dpo", "sft"]
     assert "reward accuracy" in loop.summarize(workdir)

@@ -91,6 +91,9 @@ def test_concatenated_forward_equals_separate_forwards(model, policy, padded, ba
     _, metrics, _ = baseline
     np.testing.assert_allclose(metrics["logps/chosen"], want[real, 0].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["logps/rejected"], want[real, 1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["logps/accuracies"], (want[real, 0] > want[real, 1]).mean(), rtol=1e-6
+    )
     assert float(metrics["pairs"]) == 5
     assert float(metrics["tokens"]) == padded["loss_mask"][real].sum()
 

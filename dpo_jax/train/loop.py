@@ -236,6 +236,10 @@ class Stage:
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
         )
+        if devices.mode == "pmap" and config.data.layout == "packed":
+            # Packed rows number their pairs for the whole batch; splitting them over pmap
+            # devices would orphan pairs. Packing shards cleanly under "jit".
+            raise ValueError("data.layout='packed' needs parallel.mode='jit' (not 'pmap')")
         batch_size = self.stage_config.batch_size
         if batch_size % jax.process_count():
             raise ValueError(f"{name}.batch_size={batch_size} must divide by the process count")
@@ -326,12 +330,13 @@ class Stage:
 
     def _log_eval(self, evaluate, state, step):
         totals: dict[str, float] = {}
-        pairs = 0.0
+        pairs = tokens = 0.0
         params = state.params
         for local in inputs.eval_iterator(self.splits, self.config, batch_size=self.local_batch):
             m = to_python(evaluate(params, local))
             n = m.pop("pairs")
-            for k, v in m.items():
+            tokens += m.pop("tokens")
+            for k, v in m.items():  # per-batch means over real pairs -> weighted by pairs
                 totals[k] = totals.get(k, 0.0) + v * n
             pairs += n
             if (
@@ -340,7 +345,7 @@ class Stage:
             ):
                 break
         metrics = {f"eval/{k}": v / max(pairs, 1.0) for k, v in totals.items()}
-        metrics["eval/pairs"] = pairs
+        metrics["eval/pairs"], metrics["eval/tokens"] = pairs, tokens
         self.writer.write(self.name, step, metrics)
         return metrics
 
@@ -376,6 +381,7 @@ def summarize(workdir: str) -> str:
     first, last = evals[0], evals[-1]
     rows = [
         ("reward accuracy", "rewards/accuracies"),
+        ("log-prob accuracy", "logps/accuracies"),
         ("reward margin", "rewards/margins"),
         ("chosen reward", "rewards/chosen"),
         ("rejected reward", "rewards/rejected"),
@@ -386,7 +392,9 @@ def summarize(workdir: str) -> str:
     lines = [f"Held-out pairs ({int(last['eval/pairs'])}): step {first['step']} -> {last['step']}"]
     for label, key in rows:
         lines.append(f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}")
-    lines.append("  (at step 0 the policy is the reference: every reward is 0, so accuracy is 0)")
+    lines.append(
+        "  (chance is 0.5; at step 0 the policy is the reference: rewards tie, accuracy 0)"
+    )
     return "\n".join(lines)
 
 

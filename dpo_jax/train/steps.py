@@ -31,9 +31,10 @@ are computed for the whole batch, and a second pass backpropagates each micro-ba
 
 Metric names follow the DPO reference code / TRL: `loss`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`,
-`logps/rejected` (means over real pairs), `grad_norm` (before clipping), `tokens` (scored
-tokens of real pairs), `pairs`, `learning_rate` (the rate this update applied; with
-`make_optimizer`), `nonfinite_steps` (1 or 0).
+`logps/rejected` (means over real pairs), plus `logps/accuracies` (fraction of real pairs
+whose chosen log-prob exceeds the rejected one under the policy alone), `grad_norm`
+(before clipping), `tokens` (scored tokens of real pairs), `pairs`, `learning_rate` (the
+rate this update applied; with `make_optimizer`), `nonfinite_steps` (1 or 0).
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ class Objective:
             "rewards/margins": total(chosen - rejected),
             "logps/chosen": total(lp.chosen_logps),
             "logps/rejected": total(lp.rejected_logps),
+            # The policy alone ranks the pair right (no reference): meaningful at step 0 too,
+            # where every implicit reward is 0.
+            "logps/accuracies": total(lp.chosen_logps > lp.rejected_logps),
             "tokens": total(lp.chosen_lengths + lp.rejected_lengths),
             "pairs": total(jnp.ones_like(chosen)),
         }
@@ -186,7 +190,7 @@ class Objective:
 
 
 SUM_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "tokens", "pairs")  # fmt: skip
+            "logps/chosen", "logps/rejected", "logps/accuracies", "tokens", "pairs")  # fmt: skip
 
 
 def _psum(x, axis):
