@@ -286,3 +286,42 @@ def test_shard_defaults_to_the_jax_process_and_arguments_are_checked():
         pipeline.make_preference_iterator(_records(4), batch_size=2, max_length=8)
     with pytest.raises(ValueError, match="layout"):
         _iterator(_records(4), layout="ragged")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batches_carry_the_cached_ref_logps_of_their_records(layout):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(10, 2)).astype(np.float32)
+    kw = dict(seed=3, num_epochs=2, layout=layout, ref_logps=ref, shard_index=1, shard_count=2)
+    if layout == "packed":
+        kw.update(num_rows=2, max_length=12, pack_buffer_size=5)
+
+    def check(batches):
+        for batch in batches:
+            ids = _ids(batch)
+            n = len(ids)
+            np.testing.assert_array_equal(batch["ref_logps"][:n], ref[ids])
+            np.testing.assert_array_equal(batch["ref_logps"][n:], 0.0)  # padding pairs
+        return batches
+
+    uninterrupted = check(list(_iterator(_records(10), **kw)))
+    assert sum(int(b["pair_mask"].sum()) for b in uninterrupted) == 10  # half of 2 epochs
+    without = list(_iterator(_records(10), **{**kw, "ref_logps": None}))
+    for a, b in zip(uninterrupted, without, strict=True):
+        assert "ref_logps" not in b
+        _assert_same_batches([{k: v for k, v in a.items() if k != "ref_logps"}], [b])
+    it = _iterator(_records(10), **kw)
+    next(it), next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    restored = _iterator(_records(10), **kw)
+    restored.set_state(state)
+    _assert_same_batches(check(list(restored)), uninterrupted[2:])
+
+
+def test_bad_ref_logps_are_refused_naming_the_record():
+    ref = np.zeros((10, 2), np.float32)
+    with pytest.raises(ValueError, match=r"expected \(10, 2\)"):
+        _iterator(_records(10), ref_logps=ref[:9])
+    ref[4, 1] = np.nan
+    with pytest.raises(ValueError, match="source, record 4 is not finite"):
+        _iterator(_records(10), ref_logps=ref)

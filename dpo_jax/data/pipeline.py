@@ -33,6 +33,11 @@ Bad records (unparsable, or untokenizable, e.g. no room left for the response) f
 `iterator.bad_records` (restored with the state). Skipping makes the processes' record
 counts differ; for a finite multi-process run, stop at a fixed step count.
 
+Cached reference log-probs: `ref_logps` [N, 2] aligned with the source (record i ->
+row i) ride along: each batch gets `ref_logps` [B, 2] for its pairs (0 for padding pairs),
+looked up from the stream position's record index, so shuffling, sharding, pairs held
+back by packing and restored states all carry them without any extra iterator state.
+
 Threads: `num_threads` grain threads parse and tokenize ahead of the consumer. The default
 (1) keeps a Hugging Face tokenizer from being called concurrently; raise it only for a
 thread-safe `tokenize_fn`.
@@ -225,14 +230,21 @@ class BatchIterator:
         spec: dict,
         on_bad_record: OnBadRecord,
         read_options: grain.ReadOptions,
+        record_indices: grain.MapDataset | None = None,
+        ref_logps: np.ndarray | None = None,
     ):
         """items: this process's stream of tokenized items (`_Prepare` outputs).
 
-        batch_fn: padded: items -> batch; packed: pairs -> (batch, leftover indices).
+        batch_fn: padded: (items, ref_logps or None) -> batch; packed: (pairs, ref_logps or
+          None) -> (batch, leftover indices).
         spec: the arguments that define the stream and batches (see `_make_iterator`).
+        record_indices, ref_logps: the stream of source indices that `items` maps, and the
+          cached reference sums [N, 2] per source record (both or neither).
         """
         self._items = items
         self._batch_fn = batch_fn
+        self._record_indices = record_indices
+        self._ref_logps = ref_logps
         self.spec = dict(spec)
         self.bad_records = BadRecordCounter(on_bad_record, name="pipeline")
         self._iter = items.to_iter_dataset(read_options).__iter__()
@@ -259,20 +271,28 @@ class BatchIterator:
             return position, item
         return None
 
+    def _ref_rows(self, positions: list[int]) -> np.ndarray | None:
+        """Cached reference sums [len(positions), 2] of the records at these positions."""
+        if self._ref_logps is None:
+            return None
+        records = [int(self._record_indices[p]) for p in positions]
+        return self._ref_logps[records].reshape(len(positions), 2)
+
     def __next__(self) -> dict[str, np.ndarray]:
         if self.spec["layout"] == "packed":
             return self._next_packed()
-        items, slots, batch_size = [], 0, self.spec["batch_size"]
+        pulled_items, slots, batch_size = [], 0, self.spec["batch_size"]
         while slots < batch_size:
             pulled = self._pull()
             if pulled is None:
                 break
             slots += 1
             if not isinstance(pulled[1], _EmptySlot):
-                items.append(pulled[1])
+                pulled_items.append(pulled)
         if slots == 0 or (slots < batch_size and self.spec["drop_remainder"]):
             raise StopIteration
-        return self._batch_fn(items)
+        items = [item for _, item in pulled_items]
+        return self._batch_fn(items, self._ref_rows([p for p, _ in pulled_items]))
 
     def _next_packed(self) -> dict[str, np.ndarray]:
         ended = False
@@ -287,7 +307,9 @@ class BatchIterator:
             self._buffer = []  # the documented loss: pairs still buffered at the end
         if not self._buffer:
             raise StopIteration
-        batch, leftover = self._batch_fn([pair for _, pair in self._buffer])
+        batch, leftover = self._batch_fn(
+            [pair for _, pair in self._buffer], self._ref_rows([p for p, _ in self._buffer])
+        )
         self._buffer = [self._buffer[i] for i in leftover]
         return batch
 
@@ -390,6 +412,7 @@ def make_preference_iterator(
     source_name: str = "source",
     num_threads: int = 1,
     prefetch_buffer_size: int = 256,
+    ref_logps: np.ndarray | None = None,
 ) -> BatchIterator:
     """Batches of preference pairs from a random-access `source`; see the module docstring.
 
@@ -418,6 +441,9 @@ def make_preference_iterator(
       on_bad_record: "raise" or "skip" (counted in `iterator.bad_records`).
       source_name: names the source in errors ("<name>, record <i>").
       num_threads, prefetch_buffer_size: grain prefetching (see the module docstring).
+      ref_logps: optional cached reference log-prob sums [N = len(source), 2] float32
+        (column 0 chosen, 1 rejected); batches then carry `ref_logps` [B, 2] of their pairs
+        (0 for padding pairs), e.g. from `steps.reference_logps` over the source.
     """
     return _make_iterator("preference", **locals())
 
@@ -452,7 +478,9 @@ def make_sft_iterator(
     (padded layout only). Records: {"prompt", "completion"} or any preference format (its
     chosen side, `formats.parse_sft`), or `SFTExample` / `TokenizedSequence` items.
     """
-    return _make_iterator("sft", layout="padded", num_rows=None, pack_buffer_size=None, **locals())
+    return _make_iterator(
+        "sft", layout="padded", num_rows=None, pack_buffer_size=None, ref_logps=None, **locals()
+    )
 
 
 def _make_iterator(kind: str, **kw) -> BatchIterator:
@@ -523,13 +551,13 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
             raise ValueError(f"pack_buffer_size must be >= 1, got {buffer}")
         spec.update(num_rows=num_rows, pack_buffer_size=buffer)
 
-        def batch_fn(pairs):
+        def batch_fn(pairs, ref_logps):
             plan = batching.plan_packing(
                 pairs, num_rows=num_rows, row_length=max_length, max_pairs=batch_size
             )
-            batch = batching.packed_batch(
-                pairs, plan, row_length=max_length, max_pairs=batch_size, pad_id=pad_id
-            )
+            batch = batching.packed_batch(pairs, plan, row_length=max_length,
+                                          max_pairs=batch_size, pad_id=pad_id,
+                                          ref_logps=ref_logps)  # fmt: skip
             return batch, plan.leftover
 
     else:
@@ -538,7 +566,8 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
         multiple = kw["pad_to_multiple_of"]
         spec.update(pad_to_multiple_of=None if multiple is None else int(multiple), buckets=buckets)
 
-        def batch_fn(items):
+        def batch_fn(items, ref_logps):
+            extra = {} if ref_logps is None else {"ref_logps": ref_logps}
             return pad(
                 items,
                 max_length=max_length,
@@ -546,6 +575,7 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
                 pad_to_multiple_of=spec["pad_to_multiple_of"],
                 buckets=buckets,
                 batch_size=batch_size,
+                **extra,
             )
 
     stream = shard_stream(
@@ -557,6 +587,7 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
         shard_count=spec["shard_count"],
         drop_remainder=spec["drop_remainder"],
     )
+    ref_logps = _check_ref_logps(kw["ref_logps"], spec["num_records"], kw["source_name"])
     prepare = _Prepare(kw["source"], parse, tokenize_fn, item_type, kw["source_name"], max_length)
     threads = kw["num_threads"]
     read_options = grain.ReadOptions(
@@ -568,4 +599,26 @@ def _make_iterator(kind: str, **kw) -> BatchIterator:
         spec=spec,
         on_bad_record=kw["on_bad_record"],
         read_options=read_options,
+        record_indices=stream,
+        ref_logps=ref_logps,
     )
+
+
+def _check_ref_logps(ref_logps, num_records: int, source_name: str) -> np.ndarray | None:
+    """The cached reference sums as float32 [N, 2], or a clear error naming the record."""
+    if ref_logps is None:
+        return None
+    ref = np.asarray(ref_logps)
+    if ref.shape != (num_records, 2):
+        raise ValueError(
+            f"ref_logps has shape {ref.shape}; expected ({num_records}, 2): one (chosen, "
+            f"rejected) row per record of {source_name}"
+        )
+    ref = ref.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"ref_logps of {source_name}, record {int(bad[0])} is not finite: "
+            f"{ref[bad[0]].tolist()} ({bad.size} such records)"
+        )
+    return ref
