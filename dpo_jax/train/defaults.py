@@ -65,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.batch_size = 64  # preference pairs per step (global)
     c.dpo.accum_steps = 1  # micro-batches per step (same result as one big batch)
     c.dpo.init_from = "sft"  # policy and reference start: sft (this run's SFT) | model
-    c.dpo.reference = "params"  # params (frozen copy) | none (reference-free losses)
+    # params (frozen copy) | cached (per-pair sums computed once at the stage start, train
+    # and held-out pairs, then the copy is freed) | none (reference-free losses)
+    c.dpo.reference = "params"
     c.dpo.memory_efficient_logps = False  # log-probs from hidden states, no [B, L, V] buffer
     c.dpo.loss = ml_collections.ConfigDict()
     c.dpo.loss.name = "sigmoid"  # a name from dpo_jax.losses.names()

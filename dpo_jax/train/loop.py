@@ -13,6 +13,7 @@ come back, and the remaining steps see the same batches and keys as an uninterru
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -177,6 +178,45 @@ class Devices:
 
         return evaluate
 
+    def compile_scoring(self, score_fn, params) -> Callable:
+        """`score(local_batch_np, record_indices [B_local]) -> (out [B_global, ...],
+        record_indices [B_global])` as numpy on every process, `score_fn(params, batch)`
+        run where the steps run; `params` as `initial_params` places them (one copy)."""
+        if self.mode == "pmap":
+            replicas = parallel.replicate(params)
+            run = jax.pmap(score_fn, axis_name=parallel.PMAP_AXIS)
+
+            def score_pmap(local, indices):
+                out = np.asarray(run(replicas, parallel.shard_batch_pmap(local)))
+                out = out.reshape(-1, *out.shape[2:])  # [n_dev, B/n_dev, ...] -> local order
+                if jax.process_count() > 1:
+                    out, indices = multihost_utils.process_allgather((out, indices))
+                    out, indices = out.reshape(-1, *out.shape[2:]), indices.reshape(-1)
+                return out, np.asarray(indices)
+
+            return score_pmap
+        replicated = NamedSharding(self.mesh, P())
+        batch_sharding = parallel.batch_sharding(self.mesh)
+        # The record indices travel through the same batch sharding as the batch, so the
+        # global result rows and their indices line up whatever the process layout.
+        run = jax.jit(
+            lambda p, batch, indices: (score_fn(p, batch), indices),
+            in_shardings=(
+                jax.tree.map(lambda x: x.sharding, params),
+                batch_sharding,
+                batch_sharding,
+            ),  # fmt: skip
+            out_shardings=replicated,
+        )
+
+        def score(local, indices):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                out = run(params, parallel.shard_batch(local, self.mesh),
+                          parallel.shard_batch(indices, self.mesh))  # fmt: skip
+            return tuple(np.asarray(x.addressable_data(0)) for x in out)
+
+        return score
+
     def to_checkpoint(self, state):
         return parallel.unreplicate(state) if self.mode == "pmap" else state
 
@@ -250,6 +290,7 @@ class Stage:
                 f"must divide into its {devices.shards} batch shards"
             )
         self.seed = config.seed + 1000 * (STAGES.index(name) + 1)
+        self.eval_ref_logps = None  # cached mode: reference sums of the held-out pairs
 
     # --- build ------------------------------------------------------------------------
 
@@ -264,13 +305,61 @@ class Stage:
                                    grad_reduce_axis=axis, **loss)  # fmt: skip
         return step, steps.make_eval_step(model=model, reduce_axis=axis, **loss)
 
+    def _cached_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """Reference log-prob sums [N, 2] of every (train, held-out) pair, from the stage's
+        starting params: read from the stage's checkpoint directory when a previous attempt
+        wrote them, else computed once, in record order, and written there (process 0).
+
+        Held-out pairs are cached too (not scored by a frozen reference at each evaluation),
+        so no copy of the reference params outlives this call.
+        """
+        directory = os.fspath(self.checkpointer.directory)
+        paths = [os.path.join(directory, f) for f in ("ref_logps.npy", "eval_ref_logps.npy")]
+        splits = (self.splits.pairs, self.splits.eval_pairs)
+        found = all(os.path.exists(path) for path in paths)
+        if jax.process_count() > 1:  # process 0's view decides, so all take the same branch
+            found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
+        if found:
+            log.info("%s: reusing the cached reference log-probs in %s.", self.name, directory)
+            return tuple(inputs.load_ref_logps(path, len(pairs))
+                         for path, pairs in zip(paths, splits, strict=True))  # fmt: skip
+        c = self.stage_config
+        score_fn = functools.partial(steps.reference_logps, model=self.devices.model,
+                                     memory_efficient=c.memory_efficient_logps)  # fmt: skip
+        score = self.devices.compile_scoring(score_fn, self.init_params)
+        pad_id = inputs.pad_id_of(self.splits.tokenizer)
+        cached = []
+        for pairs in splits:
+            ref = np.zeros((len(pairs), 2), np.float32)
+            for local, indices in inputs.scoring_batches(pairs, self.config, pad_id=pad_id,
+                                                         batch_size=self.local_batch):  # fmt: skip
+                out, indices = score(local, indices)
+                ref[indices[indices >= 0]] = out[indices >= 0]
+            cached.append(ref)
+        if jax.process_index() == 0:
+            for path, ref in reversed(list(zip(paths, cached, strict=True))):
+                inputs.save_ref_logps(path, ref)  # train last: both exist once it does
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("cached reference log-probs written")
+        log.info("%s: cached the reference log-probs of %d + %d pairs in %s.", self.name,
+                 len(cached[0]), len(cached[1]), directory)  # fmt: skip
+        return tuple(cached)
+
     def run(self):
         c = self.stage_config
         tx = make_optimizer({**c.optimizer.to_dict(), "total_steps": self.total})
         rng = jax.random.fold_in(jax.random.key(self.config.seed), STAGES.index(self.name))
+        ref_logps = None
+        if self.name == "dpo" and self.config.dpo.reference == "cached":
+            if losses.get(c.loss.name).requires_reference:
+                ref_logps, self.eval_ref_logps = self._cached_reference()
         state = self.devices.new_state(self.init_params, tx, rng)
+        # The state holds its own copy; dropping ours frees the starting params (which in
+        # cached mode were the reference) once the caller has dropped its references too.
+        self.init_params = None
         train_iter = inputs.train_iterator(self.splits, self.config, self.name,
-                                           batch_size=self.local_batch, seed=self.seed)  # fmt: skip
+                                           batch_size=self.local_batch, seed=self.seed,
+                                           ref_logps=ref_logps)  # fmt: skip
         nonfinite_total = 0
 
         restored = self.checkpointer.restore_latest(self.devices.checkpoint_target(state))
@@ -332,7 +421,9 @@ class Stage:
         totals: dict[str, float] = {}
         pairs = tokens = 0.0
         params = state.params
-        for local in inputs.eval_iterator(self.splits, self.config, batch_size=self.local_batch):
+        batches = inputs.eval_iterator(self.splits, self.config, batch_size=self.local_batch,
+                                       ref_logps=self.eval_ref_logps)  # fmt: skip
+        for local in batches:
             m = to_python(evaluate(params, local))
             n = m.pop("pairs")
             tokens += m.pop("tokens")
@@ -409,6 +500,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     for stage in config.stages:
         if stage not in STAGES:
             raise ValueError(f"config.stages: unknown stage {stage!r}; expected {STAGES}")
+    if "dpo" in config.stages and config.dpo.reference == "cached":
+        needs = losses.get(config.dpo.loss.name).needs
+        if any(f in needs for f in steps.REF_TOKEN_FIELDS):
+            raise ValueError(f"loss {config.dpo.loss.name!r} needs per-token reference log-probs; "
+                             "cached per-pair sums are not enough (set config.dpo.reference="
+                             "'params')")  # fmt: skip
     if "dpo" in config.stages and config.dpo.reference == "none":
         if losses.requires_reference(config.dpo.loss.name):
             raise ValueError(f"loss {config.dpo.loss.name!r} needs a reference model "
@@ -440,9 +537,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 params = initial_params
             if config.dpo.reference == "params":
                 reference = devices.reference(params)
-            elif config.dpo.reference != "none":
-                raise ValueError(f"config.dpo.reference={config.dpo.reference!r}: params | none")
+            elif config.dpo.reference not in ("cached", "none"):
+                raise ValueError(
+                    f"config.dpo.reference={config.dpo.reference!r}: params | cached | none"
+                )
         stage = Stage(name, config, workdir, devices, splits, writer, params, reference)
+        # The stage owns its starting params now; holding no reference to them here lets it
+        # free them (cached reference mode).
+        params = reference = None
+        if name == "dpo":
+            initial_params = None
         params = stage.run()
 
     # --- export and summary ---
