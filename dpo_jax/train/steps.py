@@ -400,12 +400,9 @@ def make_dpo_step(**kwargs):
     return functools.partial(dpo_step, **kwargs)
 
 
-def dpo_loss(
-    params, reference, batch: Batch, *, model, loss_name="sigmoid", beta=0.1,
-    loss_hparams=None, memory_efficient=False, chunk_size=256, vocab_chunk_size=None,
-):  # fmt: skip
-    """(mean loss over real pairs, metrics) as a differentiable function of `params` (and,
-    formally, of `reference`, which receives exactly zero gradient). No accumulation."""
+def _loss_and_metrics(params, reference, batch: Batch, *, model, loss_name, beta, loss_hparams,
+                      axis, memory_efficient, chunk_size, vocab_chunk_size):  # fmt: skip
+    """(mean loss over the real pairs of the global batch, metrics); one forward, no update."""
     check_preference_batch(batch)
     scoring = Scoring(model, memory_efficient, chunk_size, vocab_chunk_size)
     objective = _objective(loss_name, beta, loss_hparams)
@@ -415,8 +412,21 @@ def dpo_loss(
     policy = scoring.pair_stats(params, batch, n, per_token=objective.per_token,
                                 sum_sq=objective.sum_sq)  # fmt: skip
     loss_sum, sums = objective.sums(policy, ref, batch)
-    loss = loss_sum / _normalizer(objective, batch, None)
-    return loss, _means(loss, sums, None)
+    loss = _psum(loss_sum, axis) / _normalizer(objective, batch, axis)
+    return loss, _means(loss, sums, axis)
+
+
+def dpo_loss(
+    params, reference, batch: Batch, *, model, loss_name="sigmoid", beta=0.1,
+    loss_hparams=None, memory_efficient=False, chunk_size=256, vocab_chunk_size=None,
+):  # fmt: skip
+    """(mean loss over real pairs, metrics) as a differentiable function of `params` (and,
+    formally, of `reference`, which receives exactly zero gradient). No accumulation."""
+    return _loss_and_metrics(
+        params, reference, batch, model=model, loss_name=loss_name, beta=beta,
+        loss_hparams=loss_hparams, axis=None, memory_efficient=memory_efficient,
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+    )  # fmt: skip
 
 
 def eval_step(
@@ -427,17 +437,12 @@ def eval_step(
     """Held-out metrics of `params` on a preference batch (no gradients): the DPO step's
     metrics without the update ones. Means are over the batch's real pairs (`pairs` gives
     the weight for averaging over batches); `reduce_axis` as `grad_reduce_axis`."""
-    check_preference_batch(batch)
-    scoring = Scoring(model, memory_efficient, chunk_size, vocab_chunk_size)
-    objective = _objective(loss_name, beta, loss_hparams)
-    objective.check(batch, reference)
-    n = batch["pair_mask"].shape[0]
-    ref = objective.reference_stats(scoring, reference, batch, n)
-    policy = scoring.pair_stats(params, batch, n, per_token=objective.per_token,
-                                sum_sq=objective.sum_sq)  # fmt: skip
-    loss_sum, sums = objective.sums(policy, ref, batch)
-    loss = _psum(loss_sum, reduce_axis) / _normalizer(objective, batch, reduce_axis)
-    return _means(loss, sums, reduce_axis)
+    _, metrics = _loss_and_metrics(
+        params, reference, batch, model=model, loss_name=loss_name, beta=beta,
+        loss_hparams=loss_hparams, axis=reduce_axis, memory_efficient=memory_efficient,
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+    )  # fmt: skip
+    return metrics
 
 
 def make_eval_step(**kwargs):
