@@ -53,8 +53,8 @@ import grain
 import numpy as np
 
 from dpo_jax.data import batching
+from dpo_jax.data.batch_iterator import EMPTY, Bad, BatchIterator, EmptySlot
 from dpo_jax.data.examples import (
-    BadRecordCounter,
     Location,
     OnBadRecord,
     PreferenceExample,
@@ -68,24 +68,6 @@ from dpo_jax.data.tokenize import TokenizeConfig, tokenize_pair, tokenize_sequen
 
 Layout = Literal["padded", "packed"]
 LAYOUTS = ("padded", "packed")
-STATE_VERSION = 1
-
-
-class _EmptySlot:
-    """A stream position past the data, added so that all processes yield equally many."""
-
-    def __repr__(self) -> str:
-        return "<empty slot>"
-
-
-_EMPTY = _EmptySlot()
-
-
-class _Bad:
-    """A record that failed to parse or tokenize; the consumer raises or counts it."""
-
-    def __init__(self, error: RecordError):
-        self.error = error
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,7 +98,7 @@ def decode_record(record: Any, location: Location | None = None) -> Any:
 
 
 class _Prepare:
-    """Stream element (a source index) -> tokenized item, `_Bad`, or `_EMPTY` unchanged."""
+    """Stream element (a source index) -> tokenized item, `Bad`, or `EMPTY` unchanged."""
 
     def __init__(self, source, parse_fn, tokenize_fn, item_type, name: str, max_length: int):
         self.source = source
@@ -140,7 +122,7 @@ class _Prepare:
                 )
 
     def __call__(self, index):
-        if isinstance(index, _EmptySlot):
+        if isinstance(index, EmptySlot):
             return index
         index = int(index)
         location = Location(self.name, index, "record")
@@ -157,7 +139,7 @@ class _Prepare:
             self._check_length(item)
             return item
         except RecordError as err:
-            return _Bad(err.at(location))
+            return Bad(err.at(location))
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,166 +185,9 @@ def shard_stream(
     if len(shard) > length:
         shard = shard[:length]
     elif len(shard) < length:
-        pad = grain.MapDataset.source([_EMPTY] * (length - len(shard)))
+        pad = grain.MapDataset.source([EMPTY] * (length - len(shard)))
         shard = grain.MapDataset.concatenate([shard, pad])
     return shard
-
-
-# ----------------------------------------------------------------------------------------
-# The checkpointable batch iterator
-# ----------------------------------------------------------------------------------------
-
-
-class BatchIterator:
-    """Iterator of static-shape numpy batches with an exact, JSON-serializable state.
-
-    `get_state()` -> dict (JSON types only); `set_state(state)` on an iterator built with the
-    same arguments continues with exactly the batches that followed `get_state()`. The
-    state also carries the arguments that define the stream (`spec`) and refuses a
-    mismatch. `bad_records` holds the skip counts (BadRecordCounter), restored too.
-    """
-
-    def __init__(
-        self,
-        items: grain.MapDataset,
-        batch_fn: Callable,
-        *,
-        spec: dict,
-        on_bad_record: OnBadRecord,
-        read_options: grain.ReadOptions,
-        record_indices: grain.MapDataset | None = None,
-        ref_logps: np.ndarray | None = None,
-    ):
-        """items: this process's stream of tokenized items (`_Prepare` outputs).
-
-        batch_fn: padded: (items, ref_logps or None) -> batch; packed: (pairs, ref_logps or
-          None) -> (batch, leftover indices).
-        spec: the arguments that define the stream and batches (see `_make_iterator`).
-        record_indices, ref_logps: the stream of source indices that `items` maps, and the
-          cached reference sums [N, 2] per source record (both or neither).
-        """
-        self._items = items
-        self._batch_fn = batch_fn
-        self._record_indices = record_indices
-        self._ref_logps = ref_logps
-        self.spec = dict(spec)
-        self.bad_records = BadRecordCounter(on_bad_record, name="pipeline")
-        self._iter = items.to_iter_dataset(read_options).__iter__()
-        if self._iter.get_state() != {"next_index": 0}:
-            # Restoring relies on grain's MapDataset iterator state being the next index.
-            raise RuntimeError(f"unexpected grain iterator state {self._iter.get_state()!r}")
-        self._next_index = 0
-        self._buffer: list[tuple[int, Any]] = []  # (stream position, pair) held by packing
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def _pull(self) -> tuple[int, Any] | None:
-        """Next usable (position, item): skips bad records, None at the end of the stream."""
-        while self._next_index < len(self._items):
-            item = next(self._iter)
-            position = self._next_index
-            self._next_index += 1
-            if isinstance(item, _Bad):
-                self.bad_records.handle(item.error)
-                continue
-            if not isinstance(item, _EmptySlot):
-                self.bad_records.ok()
-            return position, item
-        return None
-
-    def _ref_rows(self, positions: list[int]) -> np.ndarray | None:
-        """Cached reference sums [len(positions), 2] of the records at these positions."""
-        if self._ref_logps is None:
-            return None
-        records = [int(self._record_indices[p]) for p in positions]
-        return self._ref_logps[records].reshape(len(positions), 2)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.spec["layout"] == "packed":
-            return self._next_packed()
-        pulled_items, slots, batch_size = [], 0, self.spec["batch_size"]
-        while slots < batch_size:
-            pulled = self._pull()
-            if pulled is None:
-                break
-            slots += 1
-            if not isinstance(pulled[1], _EmptySlot):
-                pulled_items.append(pulled)
-        if slots == 0 or (slots < batch_size and self.spec["drop_remainder"]):
-            raise StopIteration
-        items = [item for _, item in pulled_items]
-        return self._batch_fn(items, self._ref_rows([p for p, _ in pulled_items]))
-
-    def _next_packed(self) -> dict[str, np.ndarray]:
-        ended = False
-        while len(self._buffer) < self.spec["pack_buffer_size"]:
-            pulled = self._pull()
-            if pulled is None:
-                ended = True
-                break
-            if not isinstance(pulled[1], _EmptySlot):
-                self._buffer.append(pulled)
-        if ended and self.spec["drop_remainder"]:
-            self._buffer = []  # the documented loss: pairs still buffered at the end
-        if not self._buffer:
-            raise StopIteration
-        batch, leftover = self._batch_fn(
-            [pair for _, pair in self._buffer], self._ref_rows([p for p, _ in self._buffer])
-        )
-        self._buffer = [self._buffer[i] for i in leftover]
-        return batch
-
-    def get_state(self) -> dict:
-        """JSON-serializable state: resume with `set_state` on an identically built iterator."""
-        return {
-            "version": STATE_VERSION,
-            "spec": dict(self.spec),
-            "next_index": self._next_index,
-            "pending": [position for position, _ in self._buffer],
-            "bad_records": {
-                "num_ok": self.bad_records.num_ok,
-                "counts": dict(self.bad_records.counts),
-                "first_errors": dict(self.bad_records.first_errors),
-            },
-        }
-
-    def set_state(self, state: Mapping) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"iterator state version {state.get('version')!r} != {STATE_VERSION}")
-        if dict(state["spec"]) != self.spec:
-            diff = {
-                k: (state["spec"].get(k), self.spec.get(k))
-                for k in sorted(set(state["spec"]) | set(self.spec))
-                if state["spec"].get(k) != self.spec.get(k)
-            }
-            raise ValueError(
-                "the iterator state was saved for a different pipeline; (saved, now) per "
-                f"differing argument: {diff}"
-            )
-        next_index = int(state["next_index"])
-        if not 0 <= next_index <= len(self._items):
-            raise ValueError(f"state next_index {next_index} outside [0, {len(self._items)}]")
-        self._iter.set_state({"next_index": next_index})
-        self._next_index = next_index
-        # Pending pairs are re-made from their positions: every stage is a pure function
-        # of the position, so they come back identical.
-        self._buffer = [(int(p), self._items[int(p)]) for p in state["pending"]]
-        bad = state["bad_records"]
-        self.bad_records.num_ok = int(bad["num_ok"])
-        self.bad_records.counts.clear()
-        self.bad_records.counts.update({k: int(v) for k, v in bad["counts"].items()})
-        self.bad_records.first_errors = dict(bad["first_errors"])
-
-    @property
-    def epoch(self) -> float:
-        """Epochs of the global stream consumed so far (all processes together)."""
-        return self._next_index * self.spec["shard_count"] / self.spec["num_records"]
-
-    def close(self) -> None:
-        close = getattr(self._iter, "close", None)
-        if close is not None:
-            close()
 
 
 # ----------------------------------------------------------------------------------------
