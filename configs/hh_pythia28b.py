@@ -11,6 +11,11 @@ helpful-base/train.jsonl.gz; the HH record format splits each transcript at its 
       --config.data.train_files=/data/hh/helpful-base/train.jsonl.gz \
       --config.data.eval_files=/data/hh/helpful-base/test.jsonl.gz
 
+Or through the TFDS builder (array_record, no TensorFlow), prepared from the same files:
+`--config.data.tfds_name=hh_rlhf/all --config.data.tfds_manual_dir=/data/hh
+--config.data.tfds_data_dir=/data/tfds --config.data.format=standard` (the builder has
+already split off the prompts).
+
 On a pod, shard with e.g. `--config.parallel.mesh_shape=-1,8,1` (FSDP over 8 chips).
 ARG: '' | 'tiny' (seconds on a CPU, the variant the tests run).
 """

@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_files = ()  # held-out pairs; empty = hold out `eval_fraction` of train
     c.data.eval_fraction = 0.05  # used only when eval_files is empty
     c.data.sft_files = ()  # SFT targets (prompt/completion); empty = chosen side of train_files
+    c.data.tfds_name = ""  # instead of files: a TFDS dataset, e.g. "hh_rlhf/helpful_base"
+    c.data.tfds_data_dir = ""  # where its array_record files are (or will be) prepared
+    c.data.tfds_manual_dir = ""  # prepare it first from these local files (e.g. HH jsonl.gz)
+    c.data.tfds_train_split = "train"  # TFDS split to train on
+    c.data.tfds_eval_split = "test"  # held-out TFDS split; empty = hold out eval_fraction
     c.data.format = "auto"  # record format: auto | standard | implicit | conversational | hh
     c.data.tokenizer = ""  # local tokenizer directory (defaults to model.hf_path)
     c.data.tokenize_mode = "reference"  # reference (paper: separate) | joint (TRL)
@@ -120,6 +125,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.train_files = ()
     c.data.eval_files = ()
     c.data.sft_files = ()
+    c.data.tfds_name = ""
     c.data.tokenizer = ""
     c.data.format = "auto"
     c.data.truncation_mode = "keep_start"

@@ -21,6 +21,7 @@ import numpy as np
 from dpo_jax.data import batching, pipeline, sources, synthetic
 from dpo_jax.data.examples import (
     BadRecordCounter,
+    Location,
     RecordError,
     SFTExample,
     TokenizedPair,
@@ -68,10 +69,29 @@ def generate_synthetic(data: ml_collections.ConfigDict, seed: int, directory: st
     return (train_path,), (eval_path,), tokenizer_dir
 
 
-def _parse(paths, parse, fmt, tokenizer, counter) -> list[tuple[object, object]]:
-    """(example, location) for every usable record of `paths`."""
+def tfds_records(data: ml_collections.ConfigDict, split: str):
+    """(record, location) of one split of the TFDS dataset `data.tfds_name` (array_record,
+    read with `tfds.data_source`, no TensorFlow). Prepared first from `data.tfds_manual_dir`
+    when given (a no-op when `data.tfds_data_dir` already holds it)."""
+    import tensorflow_datasets as tfds
+
+    from dpo_jax.data import tfds_builders  # registers our builders (hh_rlhf, ...)
+
+    if data.tfds_manual_dir:
+        tfds_builders.prepare(
+            data.tfds_name, manual_dir=data.tfds_manual_dir, data_dir=data.tfds_data_dir
+        )
+    source = tfds.data_source(data.tfds_name, split=split, data_dir=data.tfds_data_dir or None)
+    where = f"tfds {data.tfds_name}/{split}"
+    for i in range(len(source)):
+        location = Location(where, i, "record")
+        yield pipeline.decode_record(source[i], location), location
+
+
+def _parse(records, parse, fmt, tokenizer, counter) -> list[tuple[object, object]]:
+    """(example, location) for every usable (record, location) of `records`."""
     examples = []
-    for record, location in sources.iter_records(paths, counter=counter):
+    for record, location in records:
         try:
             examples.append((parse(record, format=fmt, tokenizer=tokenizer, location=location),
                              location))  # fmt: skip
@@ -90,18 +110,30 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     else:
         train_files, eval_files = tuple(data.train_files), tuple(data.eval_files)
         tokenizer_dir = data.tokenizer or config.model.hf_path
-        if not train_files:
-            raise ValueError("config.data.train_files is empty (or set config.data.synthetic)")
+        if not (train_files or data.tfds_name):
+            raise ValueError(
+                "no training data: set config.data.train_files, config.data.tfds_name or "
+                "config.data.synthetic"
+            )
         if not tokenizer_dir:
             raise ValueError("set config.data.tokenizer (or config.model.hf_path) to a local dir")
     tokenizer = load_tokenizer(tokenizer_dir)
+    counter = BadRecordCounter(data.on_bad_record, name="data")
+
+    def records(files, split):
+        if files or not data.tfds_name:
+            return sources.iter_records(files, counter=counter) if files else iter(())
+        return tfds_records(data, split)
+
+    train_records = records(train_files, data.tfds_train_split)
+    eval_records = records(eval_files, data.tfds_eval_split) if (
+        eval_files or (data.tfds_name and data.tfds_eval_split)) else None  # fmt: skip
     tokenize_config = TokenizeConfig(
         mode=data.tokenize_mode,
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
         truncation_mode=data.truncation_mode,
     )
-    counter = BadRecordCounter(data.on_bad_record, name="data")
     stats = TokenizeStats()
 
     def tokenize(examples):
@@ -109,9 +141,9 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
             t for t, _ in tokenize_examples(examples, tokenizer, tokenize_config, counter, stats)
         ]
 
-    examples = _parse(train_files, parse_preference, data.format, tokenizer, counter)
-    if eval_files:
-        eval_examples = _parse(eval_files, parse_preference, data.format, tokenizer, counter)
+    examples = _parse(train_records, parse_preference, data.format, tokenizer, counter)
+    if eval_records is not None:
+        eval_examples = _parse(eval_records, parse_preference, data.format, tokenizer, counter)
     else:
         # No held-out files: the last `eval_fraction` of the training records, never trained
         # on (by SFT either).
@@ -120,7 +152,8 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     sequences = []
     if "sft" in config.stages:
         if data.sft_files:
-            sft_examples = _parse(data.sft_files, parse_sft, data.format, tokenizer, counter)
+            sft_records = sources.iter_records(data.sft_files, counter=counter)
+            sft_examples = _parse(sft_records, parse_sft, data.format, tokenizer, counter)
         else:  # the paper's recipe: fine-tune on the preferred responses
             sft_examples = [(SFTExample(e.prompt, e.chosen, e.templated), loc)
                             for e, loc in examples]  # fmt: skip
