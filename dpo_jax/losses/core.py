@@ -124,12 +124,8 @@ class Loss:
     def __repr__(self) -> str:
         return f"Loss({self.name!r}, requires_reference={self.requires_reference})"
 
-    def validate(self, logps: PreferenceLogps, hparams: Mapping[str, Any], beta) -> PreferenceLogps:
-        """Checks inputs and hyperparameters; returns the float32 logps."""
-        if not isinstance(logps, PreferenceLogps):
-            raise TypeError(
-                f"loss '{self.name}': expected a PreferenceLogps, got {type(logps).__name__}"
-            )
+    def _check_arguments(self, logps, hparams: Mapping[str, Any], beta) -> None:
+        """Unknown hyperparameters, a non-positive beta, and missing required fields."""
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
             raise ValueError(
@@ -141,7 +137,17 @@ class Loss:
         for field in self.needs:
             if getattr(logps, field) is None:
                 why = " (it needs a reference model)" if field in REFERENCE_FIELDS else ""
-                raise ValueError(f"loss '{self.name}' needs PreferenceLogps.{field}, got None{why}")
+                raise ValueError(
+                    f"loss '{self.name}' needs {type(logps).__name__}.{field}, got None{why}"
+                )
+
+    def validate(self, logps: PreferenceLogps, hparams: Mapping[str, Any], beta) -> PreferenceLogps:
+        """Checks inputs and hyperparameters; returns the float32 logps."""
+        if not isinstance(logps, PreferenceLogps):
+            raise TypeError(
+                f"loss '{self.name}': expected a PreferenceLogps, got {type(logps).__name__}"
+            )
+        self._check_arguments(logps, hparams, beta)
         shape = jnp.shape(logps.chosen_logps)
         if len(shape) != 1:
             raise ValueError(f"loss '{self.name}': chosen_logps must have shape [B], got {shape}")

@@ -50,17 +50,7 @@ class UnpairedLoss(Loss):
             raise TypeError(
                 f"loss '{self.name}': expected UnpairedLogps, got {type(logps).__name__}"
             )
-        unknown = sorted(set(hparams) - set(self.hparams))
-        if unknown:
-            raise ValueError(
-                f"loss '{self.name}': unknown hyperparameter(s) {unknown}; it accepts "
-                f"{sorted(self.hparams)} besides beta"
-            )
-        if isinstance(beta, int | float) and not beta > 0:
-            raise ValueError(f"loss '{self.name}': beta must be > 0, got {beta}")
-        for field in self.needs:
-            if getattr(logps, field) is None:
-                raise ValueError(f"loss '{self.name}' needs UnpairedLogps.{field}, got None")
+        self._check_arguments(logps, hparams, beta)
         shape = jnp.shape(logps.logps)
         for field in ("ref_logps", "labels"):
             if jnp.shape(getattr(logps, field)) != shape or len(shape) != 1:
