@@ -17,3 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The train-step fixtures (model, policy, reference, padded, packed) shared by test files.
+pytest_plugins = ["train_testlib"]

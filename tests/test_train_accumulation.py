@@ -12,31 +12,7 @@ from dpo_jax.data.examples import TokenizedSequence
 from dpo_jax.train import steps
 
 L = lib.L
-
-
-@pytest.fixture(scope="module")
-def model():
-    return lib.tiny_model()
-
-
-@pytest.fixture(scope="module")
-def policy(model):
-    return lib.random_params(model, 0)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return lib.random_params(model, 1)
-
-
-@pytest.fixture(scope="module")
-def padded():
-    return lib.padded_batch(lib.random_pairs(5))
-
-
-@pytest.fixture(scope="module")
-def packed():
-    return lib.packed_batch(lib.random_pairs(5))
+# Fixtures model, policy, reference, padded, packed: tests/train_testlib.py.
 
 
 def _big_batch(model, loss_name):

@@ -17,32 +17,7 @@ from dpo_jax.train import state as train_state
 from dpo_jax.train import steps, toy
 
 L = lib.L
-
-
-@pytest.fixture(scope="module")
-def model():
-    return lib.tiny_model()
-
-
-@pytest.fixture(scope="module")
-def policy(model):
-    return lib.random_params(model, 0)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    # A reference different from the policy, so that rewards and their gradients are not 0.
-    return lib.random_params(model, 1)
-
-
-@pytest.fixture(scope="module")
-def padded():
-    return lib.padded_batch(lib.random_pairs(5))
-
-
-@pytest.fixture(scope="module")
-def packed():
-    return lib.packed_batch(lib.random_pairs(5))
+# Fixtures model, policy, reference, padded, packed: tests/train_testlib.py.
 
 
 @pytest.fixture(scope="module")

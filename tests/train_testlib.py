@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from dpo_jax.data.batching import pack_pairs, pad_pairs
 from dpo_jax.data.examples import TokenizedPair
@@ -85,3 +86,34 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
 
 def dpo_step(model, **kwargs):
     return jax.jit(steps.make_dpo_step(model=model, tx=SGD, beta=0.1, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures shared by the train-step test files (registered by tests/conftest.py)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def policy(model):
+    return random_params(model, 0)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    # A reference different from the policy, so that rewards and their gradients are not 0.
+    return random_params(model, 1)
+
+
+@pytest.fixture(scope="module")
+def padded():
+    return padded_batch(random_pairs(5))
+
+
+@pytest.fixture(scope="module")
+def packed():
+    return packed_batch(random_pairs(5))
