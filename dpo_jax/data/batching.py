@@ -397,12 +397,74 @@ def pad_sequences(
 
 
 # ----------------------------------------------------------------------------------------
+# The batch schema (checked on shapes and field names only, so that it works on numpy
+# arrays, jax arrays and tracers alike: the train steps call it at trace time)
+# ----------------------------------------------------------------------------------------
+
+ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def is_packed(batch) -> bool:
+    """A packed preference batch carries `slot_ids`; a padded one does not."""
+    return "slot_ids" in batch
+
+
+def _check_fields(batch, fields, what: str) -> None:
+    missing = [f for f in fields if f not in batch]
+    if missing:
+        raise ValueError(f"{what}: batch lacks field(s) {missing}; it has {sorted(batch)}")
+
+
+def check_preference_batch(batch) -> None:
+    """Raises a ValueError naming the field when a preference batch is malformed."""
+    packed = is_packed(batch)
+    _check_fields(batch, (*ROW_FIELDS, "pair_mask"), "preference batch")
+    shape = tuple(batch["tokens"].shape)
+    want = "[R, L]" if packed else "[B, 2, L]"
+    if (packed and len(shape) != 2) or (not packed and (len(shape) != 3 or shape[1] != 2)):
+        raise ValueError(f"preference batch: field 'tokens' has shape {shape}, expected {want}")
+    for f in (*ROW_FIELDS[1:], *(("slot_ids",) if packed else ())):
+        if tuple(batch[f].shape) != shape:
+            raise ValueError(
+                f"preference batch: field {f!r} has shape {tuple(batch[f].shape)}, expected "
+                f"{shape} like 'tokens'"
+            )
+    num_pairs = batch["pair_mask"].shape
+    if len(num_pairs) != 1 or (not packed and num_pairs[0] != shape[0]):
+        raise ValueError(
+            f"preference batch: field 'pair_mask' has shape {num_pairs}, expected "
+            f"{'[B]' if packed else f'[{shape[0]}]'}"
+        )
+    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != (num_pairs[0], 2):
+        raise ValueError(
+            f"preference batch: field 'ref_logps' has shape {tuple(batch['ref_logps'].shape)}, "
+            f"expected [B, 2] = {(num_pairs[0], 2)}"
+        )
+
+
+def check_sft_batch(batch) -> None:
+    """SFT batch: tokens, positions, segment_ids, loss_mask [B, L]; optional example_mask [B]."""
+    _check_fields(batch, ROW_FIELDS, "SFT batch")
+    shape = tuple(batch["tokens"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"SFT batch: field 'tokens' has shape {shape}, expected [B, L]")
+    for f in ROW_FIELDS[1:]:
+        if tuple(batch[f].shape) != shape:
+            raise ValueError(
+                f"SFT batch: field {f!r} has shape {tuple(batch[f].shape)}, expected {shape}"
+            )
+    if "example_mask" in batch and tuple(batch["example_mask"].shape) != shape[:1]:
+        raise ValueError(
+            f"SFT batch: field 'example_mask' has shape {tuple(batch['example_mask'].shape)}, "
+            f"expected {shape[:1]}"
+        )
+
+
+# ----------------------------------------------------------------------------------------
 # Unpacking and metrics (numpy references; the jitted versions live in dpo_jax.logprobs)
 # ----------------------------------------------------------------------------------------
 
 
-def is_packed(batch: dict) -> bool:
-    return "slot_ids" in batch
 
 
 def pair_sums(values: np.ndarray, batch: dict) -> np.ndarray:
