@@ -26,7 +26,13 @@ RUNTIME = [
     "pyarrow>=26,<27",
     "absl-py>=2.5,<3",
     "matplotlib>=3.11,<4",
+    # Lexicon sentiment reward (evaluation ground truth of the IMDb-style experiment), offline.
+    "vaderSentiment>=3.3.2,<4",
 ]
+
+# `pip install -e ".[eval]"`: only the Hugging Face classifier reward (PyTorch
+# AutoModelForSequenceClassification) needs torch; everything else runs without it.
+EVAL = ["torch==2.13.0"]
 
 TEST = [
     # torch only for parity tests against transformers' PyTorch models and TRL.
@@ -49,6 +55,6 @@ setup(
     packages=find_packages(include=["dpo_jax", "dpo_jax.*"]),
     python_requires=">=3.11,<3.12",
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "eval": EVAL},
     entry_points={"console_scripts": ["dpo-jax=dpo_jax.main:run"]},
 )
