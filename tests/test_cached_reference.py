@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_loop import exported, load_config, read_metrics
 
-from dpo_jax.train import inputs, loop
+from dpo_jax.train import inputs, loop, reference_cache
 
 
 def _config(reference: str, steps: int = 4, mode: str = "jit"):
@@ -53,8 +53,8 @@ def test_cached_reference_matches_frozen_reference_params(params_run, tmp_path):
     # The cache covers every train and held-out pair, in record order, nonzero.
     ckpt = os.path.join(workdir, "checkpoints", "dpo")
     splits = inputs.load_splits(_config("cached"), workdir)
-    train = inputs.load_ref_logps(os.path.join(ckpt, "ref_logps.npy"), len(splits.pairs))
-    held_out = inputs.load_ref_logps(os.path.join(ckpt, "eval_ref_logps.npy"),
+    train = reference_cache.load_ref_logps(os.path.join(ckpt, "ref_logps.npy"), len(splits.pairs))
+    held_out = reference_cache.load_ref_logps(os.path.join(ckpt, "eval_ref_logps.npy"),
                                      len(splits.eval_pairs))  # fmt: skip
     assert (train < 0).all() and (held_out < 0).all()
 
@@ -69,7 +69,7 @@ def test_resume_reuses_the_cached_file_and_continues_exactly(params_run, tmp_pat
     def no_recompute(*args, **kwargs):
         raise AssertionError("the cached reference log-probs were recomputed on resume")
 
-    monkeypatch.setattr(inputs, "scoring_batches", no_recompute)
+    monkeypatch.setattr(reference_cache, "scoring_batches", no_recompute)
     loop.run(_config("cached", steps=4, mode="pmap"), workdir)  # resumes at step 2 of 4
     got = dict(_losses(read_metrics(workdir)))
     want = dict(_losses(read_metrics(params_run)))
@@ -83,6 +83,6 @@ def test_a_cache_that_does_not_fit_the_data_is_refused(tmp_path):
     path = os.path.join(workdir, "checkpoints", "dpo")
     os.makedirs(path)
     for name in ("ref_logps.npy", "eval_ref_logps.npy"):
-        inputs.save_ref_logps(os.path.join(path, name), np.zeros((3, 2), np.float32))
+        reference_cache.save_ref_logps(os.path.join(path, name), np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match=r"ref_logps.npy: .*\(3, 2\) float32.*needs \(\d+, 2\)"):
         loop.run(_config("cached"), workdir)

@@ -465,8 +465,6 @@ def check_sft_batch(batch) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-
-
 def pair_sums(values: np.ndarray, batch: dict) -> np.ndarray:
     """Per-pair sums of `values` over scored (loss_mask) tokens -> [B, 2] float64.
 

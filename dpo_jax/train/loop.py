@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from dpo_jax import losses, models, parallel
 from dpo_jax.data import batching
 from dpo_jax.train import devices as devices_lib
-from dpo_jax.train import inputs, steps
+from dpo_jax.train import inputs, reference_cache, steps
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
@@ -128,24 +128,24 @@ class Stage:
             found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
         if found:
             log.info("%s: reusing the cached reference log-probs in %s.", self.name, directory)
-            return tuple(inputs.load_ref_logps(path, len(pairs))
+            return tuple(reference_cache.load_ref_logps(path, len(pairs))
                          for path, pairs in zip(paths, splits, strict=True))  # fmt: skip
         c = self.stage_config
         score_fn = functools.partial(steps.reference_logps, model=self.devices.model,
                                      memory_efficient=c.memory_efficient_logps)  # fmt: skip
         score = self.devices.compile_scoring(score_fn, self.init_params)
-        pad_id = inputs.pad_id_of(self.splits.tokenizer)
+        pad_id = reference_cache.pad_id_of(self.splits.tokenizer)
         cached = []
         for pairs in splits:
             ref = np.zeros((len(pairs), 2), np.float32)
-            for local, indices in inputs.scoring_batches(pairs, self.config, pad_id=pad_id,
+            for local, indices in reference_cache.scoring_batches(pairs, self.config, pad_id=pad_id,
                                                          batch_size=self.local_batch):  # fmt: skip
                 out, indices = score(local, indices)
                 ref[indices[indices >= 0]] = out[indices >= 0]
             cached.append(ref)
         if jax.process_index() == 0:
             for path, ref in reversed(list(zip(paths, cached, strict=True))):
-                inputs.save_ref_logps(path, ref)  # train last: both exist once it does
+                reference_cache.save_ref_logps(path, ref)  # train last: both exist once it does
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("cached reference log-probs written")
         log.info("%s: cached the reference log-probs of %d + %d pairs in %s.", self.name,
