@@ -3,14 +3,23 @@ GPT-NeoX through `ModelConfig`.
 
     logits = model.apply({"params": p}, tokens, positions=None, segment_ids=None)
     hidden, unembed = model.apply({"params": p}, tokens, ..., method="features")
+    cache = init_cache(config, batch, max_len)              # KV-cache decoding
+    logits, cache = model.apply({"params": p}, tokens, positions, cache, method="decode")
 
 tokens, positions, segment_ids: [B, L] int32; logits [B, L, V] in the compute dtype;
 hidden [B, L, D]; unembed [D, V]. Tokens attend causally within equal non-zero segment
 ids, so padding (segment 0) and packing (segments 1..S, positions restarting per segment)
 give the same values as separate unpadded rows.
+
+Decoding keeps keys and values in an explicit `KVCache` (arrays in, arrays out; no mutable
+collections): a prefill writes the prompt, then each call appends the next token(s). Every
+call's logits equal the full forward over everything written so far (same masks, same
+positions), for every family and feature, including the sliding window.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,11 +32,45 @@ from dpo_jax.models.layers import (
     Norm,
     attention_mask,
     compute_dtype,
+    decode_mask,
     param,
     rope_tables,
 )
 
 _ACT = ("act_batch", "act_length", "act_embed")
+_LOGITS = ("act_batch", "act_length", "act_vocab")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of everything decoded so far, in S slots per row.
+
+    k, v: one [B, S, K, H] array per layer (compute dtype, keys already rotated).
+    positions: [B, S] int32 position of the token in each slot (for rope-free masks and the
+      sliding window). segment_ids: [B, S] int32, 0 for empty slots and left padding.
+    index: [] int32, the next slot to write; the same for every row, so a batch of prompts
+      of different lengths is left-padded (padding with segment 0) to one slot count.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    positions: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        """S, the number of slots."""
+        return self.positions.shape[-1]
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache of `max_length` slots (S) for `batch` rows (B); dtype defaults to the
+    compute dtype. A decode call that writes past slot S-1 is an error."""
+    dtype = compute_dtype(config) if dtype is None else jnp.dtype(dtype)
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    empty = jnp.zeros((batch, max_length), jnp.int32)
+    return KVCache(zeros, zeros, empty, empty, jnp.zeros((), jnp.int32))
 
 
 class Block(nn.Module):
@@ -36,16 +79,17 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos, sin) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, cos, sin, cache=None):
+        """Returns (x, updated (k, v) cache or None); `cache` as in `Attention`."""
         cfg = self.config
         rope = None if cos is None else (cos, sin)
-        attn = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), mask, rope)
+        attn, cache = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), mask, rope, cache)
         if cfg.parallel_residual:
             x = x + attn + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         else:
             x = x + attn
             x = x + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
-        return nn.with_logical_constraint(x, _ACT)
+        return nn.with_logical_constraint(x, _ACT), cache
 
 
 class DecoderLM(nn.Module):
@@ -99,8 +143,17 @@ class DecoderLM(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Final normed hidden states [B, L, D] and unembedding [D, V] (compute dtype)."""
         cfg = self.config
-        dtype = compute_dtype(cfg)
         positions, segment_ids = self._defaults(tokens, positions, segment_ids)
+        x, cos, sin = self._embed(tokens, positions)
+        mask = attention_mask(positions, segment_ids, cfg.sliding_window)
+        for layer in self.layers:
+            x, _ = layer(x, mask, cos, sin)
+        return self.final_norm(x), self._unembed()
+
+    def _embed(self, tokens, positions):
+        """Input embeddings x [B, L, D] and rope tables (cos, sin) or (None, None)."""
+        cfg = self.config
+        dtype = compute_dtype(cfg)
         x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)
         if cfg.scale_embeddings:
             # Gemma scales in the compute dtype (sqrt(3072) rounds to 55.5 in bfloat16).
@@ -108,13 +161,63 @@ class DecoderLM(nn.Module):
         if cfg.position == "learned":
             x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dtype)
         x = nn.with_logical_constraint(x, _ACT)
-        mask = attention_mask(positions, segment_ids, cfg.sliding_window)
         cos, sin = rope_tables(cfg, positions) if cfg.position == "rope" else (None, None)
-        for layer in self.layers:
-            x = layer(x, mask, cos, sin)
-        hidden = self.final_norm(x)
-        unembed = self.embedding.T if cfg.tie_embeddings else self.lm_head
-        return hidden, unembed.astype(dtype)
+        return x, cos, sin
+
+    def _unembed(self):
+        unembed = self.embedding.T if self.config.tie_embeddings else self.lm_head
+        return unembed.astype(compute_dtype(self.config))
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        segment_ids: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends L tokens to the cache and returns their logits and the updated cache.
+
+        tokens, positions: [B, L] int32; the tokens go to slots cache.index .. index+L-1.
+        segment_ids: [B, L] int32, default all ones; 0 marks left padding, which is never
+          attended to. Decoding holds one sequence per row: use segment 1 for real tokens.
+        last_only: return logits of the last column only ([B, 1, V]), e.g. for a prefill
+          whose rows are left-padded so that every row ends in the last column.
+        Returns logits [B, L, V] (compute dtype) equal to those of `__call__` on the whole
+        sequence written so far, and the cache with index advanced by L.
+        """
+        cfg = self.config
+        positions, segment_ids = self._defaults(tokens, positions, segment_ids)
+        length, slots = tokens.shape[1], cache.max_length
+        if length > slots:
+            raise ValueError(f"DecoderLM.decode: {length} tokens exceed the cache's {slots} slots")
+        if len(cache.k) != cfg.num_layers or cache.positions.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"DecoderLM.decode: cache of {len(cache.k)} layers x {cache.positions.shape[0]} "
+                f"rows does not fit {cfg.num_layers} layers x {tokens.shape[0]} rows"
+            )
+        index = cache.index
+        cache_positions = jax.lax.dynamic_update_slice_in_dim(
+            cache.positions, positions.astype(jnp.int32), index, 1
+        )
+        cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+            cache.segment_ids, segment_ids.astype(jnp.int32), index, 1
+        )
+        x, cos, sin = self._embed(tokens, positions)
+        mask = decode_mask(
+            positions, segment_ids, cache_positions, cache_segment_ids, index, cfg.sliding_window
+        )
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, (k, v) = layer(x, mask, cos, sin, (k, v, index))
+            ks.append(k)
+            vs.append(v)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.final_norm(x) @ self._unembed()
+        cache = KVCache(tuple(ks), tuple(vs), cache_positions, cache_segment_ids, index + length)
+        return nn.with_logical_constraint(logits, _LOGITS), cache
 
     def __call__(
         self,
@@ -125,4 +228,4 @@ class DecoderLM(nn.Module):
         """Logits [B, L, V] in the compute dtype."""
         hidden, unembed = self.features(tokens, positions, segment_ids)
         logits = hidden @ unembed
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+        return nn.with_logical_constraint(logits, _LOGITS)

@@ -126,16 +126,51 @@ def attention_mask(
     return mask[:, None, None]
 
 
+def decode_mask(
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    cache_positions: jax.Array,
+    cache_segment_ids: jax.Array,
+    index: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """Boolean mask [B, 1, 1, L, S] of L new tokens (written at cache slots index..index+L-1)
+    against the S cache slots, which already hold them: causal by slot, same non-zero
+    segment, and the sliding window by position, exactly as `attention_mask` would mask the
+    whole sequence. positions, segment_ids: [B, L]; cache_positions, cache_segment_ids: [B, S].
+    """
+    query_slot = index + jnp.arange(positions.shape[-1])
+    key_slot = jnp.arange(cache_positions.shape[-1])
+    causal = key_slot[None, :] <= query_slot[:, None]
+    same = (segment_ids[:, :, None] == cache_segment_ids[:, None, :]) & (
+        segment_ids[:, :, None] != 0
+    )
+    mask = causal[None] & same
+    if sliding_window is not None:
+        mask &= (positions[:, :, None] - cache_positions[:, None, :]) < sliding_window
+    return mask[:, None, None]
+
+
+# Cache k/v [B, S, K, H]: batch over the data axes like every activation; the kv-head dim is
+# left to XLA so that it follows the k/v kernels (whose "kv_heads" may be tensor-sharded, or
+# left whole when K does not divide the tensor axis).
+CACHE_AXES = ("act_batch", "act_length", jax.sharding.PartitionSpec.UNCONSTRAINED, None)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with rope (optional) and segment masking.
 
     x: [B, L, D], mask: [B, 1, 1, L, L], rope: (cos, sin) [B, L, rotary_dim] or None.
+    cache: None (keys and values are x's own), or (k, v, index) when decoding: k, v
+      [B, S, K, H] cache arrays and the slot `index` [] int32 where x's keys and values are
+      written; the mask is then [B, 1, 1, L, S] over the updated cache (`decode_mask`).
+    Returns (y [B, L, D], (k, v) updated cache arrays, or None without a cache).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, rope) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, rope, cache=None):
         cfg = self.config
         dtype = compute_dtype(cfg)
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -157,6 +192,16 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+            k = nn.with_logical_constraint(k, CACHE_AXES)
+            v = nn.with_logical_constraint(v, CACHE_AXES)
+            new_cache = (k, v)
+            k, v = k.astype(dtype), v.astype(dtype)
+
         B, L = x.shape[:2]
         q = q.reshape(B, L, K, N // K, H)
         scores = jnp.einsum("BQKGH,BSKH->BKGQS", q, k, preferred_element_type=jnp.float32)
@@ -170,7 +215,7 @@ class Attention(nn.Module):
         y = jnp.einsum("BLNH,NHD->BLD", out, wo.astype(dtype))
         if cfg.out_bias:
             y = y + param(self, "o_bias", (D,), ("embed",), zeros).astype(dtype)
-        return y
+        return y, new_cache
 
 
 class Mlp(nn.Module):
