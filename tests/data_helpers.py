@@ -1,4 +1,4 @@
-"""Tiny local tokenizers for the data tests (no downloads).
+"""Helpers of the data tests: tiny local tokenizers (no downloads) and numpy batch oracles.
 
 `build_tokenizer(tmp_path)` trains a byte-level BPE (GPT-2 style pre-tokenizer, so merges
 across a prompt/response boundary really happen) on a few sentences, wraps it in a
@@ -9,6 +9,10 @@ and reloads it through `AutoTokenizer.from_pretrained(local_dir)`, the way users
 from __future__ import annotations
 
 import os
+
+import numpy as np
+
+from dpo_jax.data import batching
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -78,3 +82,48 @@ def build_tokenizer(
     directory = os.fspath(directory)
     fast.save_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------
+# Batch oracles: plain numpy, to check the package's batches and jitted reductions against
+# ----------------------------------------------------------------------------------------
+
+
+def pack_pairs(pairs, *, num_rows: int, row_length: int, max_pairs: int, pad_id: int = 0):
+    """Packs as many pairs as fit (`batching.plan_packing`); returns (batch, leftover pairs).
+
+    Leftover pairs keep their input order, so a test can feed them first into the next call
+    the way the pipeline's packing buffer does.
+    """
+    plan = batching.plan_packing(
+        pairs, num_rows=num_rows, row_length=row_length, max_pairs=max_pairs
+    )
+    batch = batching.packed_batch(
+        pairs, plan, row_length=row_length, max_pairs=max_pairs, pad_id=pad_id
+    )
+    return batch, [pairs[i] for i in plan.leftover]
+
+
+def pair_sums(values, batch):
+    """Per-pair sums of `values` over scored (loss_mask) tokens -> [B, 2] float64.
+
+    values: the shape of batch["tokens"] (padded [B, 2, L] or packed [R, L]). A float64
+    loop-free reference for `dpo_jax.logprobs.pair_sums`.
+    """
+    values = np.asarray(values)
+    if values.shape != batch["tokens"].shape:
+        raise ValueError(f"values shape {values.shape} != tokens shape {batch['tokens'].shape}")
+    masked = values.astype(np.float64) * batch["loss_mask"]
+    num_pairs = batch["pair_mask"].shape[0]
+    if not batching.is_packed(batch):
+        return masked.sum(axis=-1)
+    slots = batch["slot_ids"].reshape(-1)
+    keep = slots >= 0
+    sums = np.zeros(2 * num_pairs, np.float64)
+    np.add.at(sums, slots[keep], masked.reshape(-1)[keep])
+    return sums.reshape(num_pairs, 2)
+
+
+def pair_token_counts(batch):
+    """Scored tokens per pair and side -> [B, 2] (chosen, rejected)."""
+    return pair_sums(np.ones(batch["tokens"].shape), batch)

@@ -4,6 +4,7 @@ import collections
 
 import numpy as np
 import pytest
+from data_helpers import pack_pairs, pair_sums, pair_token_counts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,7 +134,7 @@ def test_pad_single_pair_exact_arrays():
         batch["positions"][0], [[0, 1, 2, 3, 0, 0, 0, 0], [0, 1, 2, 3, 4, 0, 0, 0]]
     )
     np.testing.assert_array_equal(batch["pair_mask"], [1, 0])
-    np.testing.assert_array_equal(batching.pair_token_counts(batch), [[2, 3], [0, 0]])
+    np.testing.assert_array_equal(pair_token_counts(batch), [[2, 3], [0, 0]])
     # 2 pairs x 2 sides x 8 slots = 32 token slots, 4 + 5 of them real.
     assert batching.padding_fraction(batch) == pytest.approx(1 - 9 / 32)
 
@@ -188,7 +189,7 @@ def test_pack_layout_and_sums_match_padded(pairs, num_rows, row_length, max_pair
     plan = batching.plan_packing(
         pairs, num_rows=num_rows, row_length=row_length, max_pairs=max_pairs
     )
-    batch, leftover = batching.pack_pairs(
+    batch, leftover = pack_pairs(
         pairs, num_rows=num_rows, row_length=row_length, max_pairs=max_pairs, pad_id=PAD
     )
     for key in (*PAD_KEYS, "slot_ids"):
@@ -210,13 +211,11 @@ def test_pack_layout_and_sums_match_padded(pairs, num_rows, row_length, max_pair
     table = _value_table(seed)
     padded = batching.pad_pairs(packed, max_length=row_length, batch_size=max_pairs)
     np.testing.assert_allclose(
-        batching.pair_sums(table[batch["tokens"], batch["positions"]], batch),
-        batching.pair_sums(table[padded["tokens"], padded["positions"]], padded),
+        pair_sums(table[batch["tokens"], batch["positions"]], batch),
+        pair_sums(table[padded["tokens"], padded["positions"]], padded),
         rtol=1e-12,
     )
-    np.testing.assert_array_equal(
-        batching.pair_token_counts(batch), batching.pair_token_counts(padded)
-    )
+    np.testing.assert_array_equal(pair_token_counts(batch), pair_token_counts(padded))
     assert batching.padding_fraction(batch) == pytest.approx(
         1 - sum(len(p) + len(r) for pair in packed for p, r in _sides(pair)) / batch["tokens"].size
     )
@@ -231,7 +230,7 @@ def test_pack_calls_lose_and_duplicate_no_pair(pairs, chunk, row_length):
     while stream or buffer:
         buffer = buffer + stream[:chunk]
         stream = stream[chunk:]
-        batch, buffer = batching.pack_pairs(buffer, num_rows=2, row_length=row_length, max_pairs=3)
+        batch, buffer = pack_pairs(buffer, num_rows=2, row_length=row_length, max_pairs=3)
         seq = _unpack_sequences(batch)
         for slot_pair in range(int(batch["pair_mask"].sum())):
             (prompt, chosen), (_, rejected) = seq[2 * slot_pair], seq[2 * slot_pair + 1]
@@ -247,9 +246,7 @@ def test_pack_calls_lose_and_duplicate_no_pair(pairs, chunk, row_length):
 def test_pack_splits_a_pair_across_rows_and_leaves_the_rest():
     big = TokenizedPair([1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11, 12])  # 8 + 7 tokens
     small = TokenizedPair([1], [2], [3])  # 2 + 2 tokens
-    batch, leftover = batching.pack_pairs(
-        [small, big, small], num_rows=2, row_length=10, max_pairs=4
-    )
+    batch, leftover = pack_pairs([small, big, small], num_rows=2, row_length=10, max_pairs=4)
     # small (forced first) -> row 0: [c0 r0]; big: chosen (8) -> row 1, rejected (7) -> none.
     assert leftover == [big]
     assert batch["pair_mask"].tolist() == [1, 1, 0, 0]
@@ -258,10 +255,10 @@ def test_pack_splits_a_pair_across_rows_and_leaves_the_rest():
     np.testing.assert_array_equal(batch["positions"][0], [0, 1] * 4 + [0, 0])
     np.testing.assert_array_equal(batch["loss_mask"][0], [0, 1] * 4 + [0, 0])
 
-    batch, leftover = batching.pack_pairs([big], num_rows=2, row_length=10, max_pairs=1)
+    batch, leftover = pack_pairs([big], num_rows=2, row_length=10, max_pairs=1)
     assert leftover == []
     np.testing.assert_array_equal(batch["slot_ids"], [[0] * 8 + [-1] * 2, [1] * 7 + [-1] * 3])
-    np.testing.assert_array_equal(batching.pair_token_counts(batch), [[5, 4]])
+    np.testing.assert_array_equal(pair_token_counts(batch), [[5, 4]])
 
 
 def test_pack_max_pairs_and_decreasing_order():
@@ -279,15 +276,15 @@ def test_pack_max_pairs_and_decreasing_order():
 def test_pack_too_long_sequence_names_the_pair():
     pairs = [TokenizedPair([1], [2], [3]), TokenizedPair([1] * 5, [2] * 6, [3])]
     with pytest.raises(ValueError, match=r"pair 1: chosen sequence has 11 tokens > row_length=10"):
-        batching.pack_pairs(pairs, num_rows=4, row_length=10, max_pairs=4)
+        pack_pairs(pairs, num_rows=4, row_length=10, max_pairs=4)
     # With one row, both sides must share it: a pair longer than the row never fits.
     pairs = [TokenizedPair([1], [2], [3]), TokenizedPair([1] * 3, [2] * 3, [3] * 2)]
     with pytest.raises(ValueError, match=r"pair 1: chosen \+ rejected .* 11 tokens .* num_rows=1"):
-        batching.pack_pairs(pairs, num_rows=1, row_length=10, max_pairs=4)
+        pack_pairs(pairs, num_rows=1, row_length=10, max_pairs=4)
 
 
 def test_pack_empty_input_and_ref_logps():
-    batch, leftover = batching.pack_pairs([], num_rows=2, row_length=8, max_pairs=3)
+    batch, leftover = pack_pairs([], num_rows=2, row_length=8, max_pairs=3)
     assert leftover == [] and batch["pair_mask"].tolist() == [0, 0, 0]
     assert batching.padding_fraction(batch) == 1.0
     assert (batch["slot_ids"] == -1).all()
@@ -342,7 +339,7 @@ def test_pad_sequences_errors():
 def test_pair_sums_rejects_wrong_shape():
     batch = batching.pad_pairs([TokenizedPair([1], [2], [3])], max_length=4)
     with pytest.raises(ValueError, match="shape"):
-        batching.pair_sums(np.zeros((1, 4)), batch)
+        pair_sums(np.zeros((1, 4)), batch)
 
 
 # --- cross-checks with the neighbouring modules ----------------------------------------
@@ -356,13 +353,13 @@ def test_numpy_pair_sums_match_logprobs_pair_sums():
         TokenizedPair([7], [8], [9, 10, 11, 12]),
         TokenizedPair([1, 2, 3], [4], [5, 6]),
     ]
-    batch, leftover = batching.pack_pairs(pairs, num_rows=2, row_length=12, max_pairs=4)
+    batch, leftover = pack_pairs(pairs, num_rows=2, row_length=12, max_pairs=4)
     assert leftover == []
     values = np.random.default_rng(0).normal(size=batch["tokens"].shape).astype(np.float32)
     expected = logprobs.pair_sums(
         values, batch["slot_ids"], batch["pair_mask"].shape[0], mask=batch["loss_mask"]
     )
-    np.testing.assert_allclose(batching.pair_sums(values, batch), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pair_sums(values, batch), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_synthetic_records_tokenize_and_batch(tmp_path):
@@ -380,8 +377,8 @@ def test_synthetic_records_tokenize_and_batch(tmp_path):
         assert pair.chosen_ids[-1] == tok.eos_token_id
         assert tok.decode(pair.chosen_ids[:-1]) == record["chosen"]
     padded = batching.pad_pairs(pairs, max_length=24, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
-    packed, leftover = batching.pack_pairs(pairs, num_rows=6, row_length=40, max_pairs=6)
+    packed, leftover = pack_pairs(pairs, num_rows=6, row_length=40, max_pairs=6)
     assert leftover == []
     counts = [[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
-    np.testing.assert_array_equal(batching.pair_token_counts(padded), counts)
-    np.testing.assert_array_equal(batching.pair_token_counts(packed), counts)
+    np.testing.assert_array_equal(pair_token_counts(padded), counts)
+    np.testing.assert_array_equal(pair_token_counts(packed), counts)

@@ -63,9 +63,27 @@ def test_standard_bad_records_name_file_line_field(record, reason, field):
 
 def test_unknown_format_errors():
     with pytest.raises(RecordError, match="unknown_format"):
-        formats.parse_record({"text": "hello"})
+        formats.parse_preference({"text": "hello"})
     with pytest.raises(ValueError, match="unknown record format"):
         formats.parse_preference({"prompt": "a", "chosen": "b", "rejected": "c"}, format="nope")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [{"prompt": "Q", "completion": " A"}, {"prompt": "Q", "completion": " A", "label": True}],
+)
+def test_prompt_completion_record_in_preference_data_is_a_record_error(record):
+    loc = Location("prefs.jsonl", 3, "line")
+    with pytest.raises(RecordError) as info:
+        formats.parse_preference(record, location=loc)
+    err = info.value
+    assert (err.reason, err.field, err.file, err.index) == (
+        "not_a_preference_record",
+        "chosen",
+        "prefs.jsonl",
+        3,
+    )
+    assert "prefs.jsonl, line 3, field 'chosen'" in str(err)
 
 
 # ----------------------------------------------------------------------------- implicit prompt
@@ -272,7 +290,7 @@ def test_hh_errors_name_field():
 def test_unpaired_records():
     rec = {"prompt": "Q", "completion": " A", "label": True}
     assert formats.detect_format(rec) == "unpaired"
-    assert formats.parse_record(rec) == UnpairedExample("Q", " A", True)
+    assert formats.parse_unpaired(rec) == UnpairedExample("Q", " A", True)
     assert formats.parse_unpaired(dict(rec, label=0)) == UnpairedExample("Q", " A", False)
     for bad in ["yes", 2, None]:
         with pytest.raises(RecordError) as info:
@@ -291,7 +309,7 @@ def test_unpaired_conversational(tokenizer):
 
 
 def test_sft_records_and_chosen_side():
-    assert formats.parse_record({"prompt": "Q", "completion": " A"}) == SFTExample("Q", " A")
+    assert formats.parse_sft({"prompt": "Q", "completion": " A"}) == SFTExample("Q", " A")
     hh = {"chosen": HH_CASES[1][0], "rejected": HH_CASES[1][1]}
     assert formats.parse_sft(hh) == SFTExample(HH_CASES[1][2], HH_CASES[1][3])
     std = {"prompt": "p", "chosen": " c", "rejected": " r"}

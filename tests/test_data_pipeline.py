@@ -1,46 +1,38 @@
-"""Grain pipeline: seeded order, epochs, shards, exact checkpoint/restore, bad records, tfds."""
+"""The run's data: records parsed and tokenized up front (`train.inputs.load_splits`, bad
+records named or skipped and counted), then the grain pipeline over tokenized items: seeded
+order, epochs, shards, exact checkpoint/restore, cached ref_logps, tfds."""
 
+import dataclasses
 import json
-import os
+import logging
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from data_helpers import build_tokenizer
 
 from dpo_jax.data import batching, pipeline, tfds_builders
 from dpo_jax.data.examples import RecordError, TokenizedPair, TokenizedSequence
 from dpo_jax.data.formats import parse_preference
-from dpo_jax.data.tokenize import TokenizeConfig, tokenize_pair
+from dpo_jax.data.pipeline import IteratorSpec
+from dpo_jax.data.tokenize import tokenize_pair
+from dpo_jax.train import defaults, inputs
 
 BOS, EOS, ID_OFFSET = 1, 2, 10
 
 
 def _records(n):
+    """Tokenized pairs; the pair id is token 1 of the prompt, one token per response char."""
     return [
-        {"prompt": str(i), "chosen": "c" * (1 + i % 4), "rejected": "r" * (1 + i % 3)}
+        TokenizedPair([BOS, ID_OFFSET + i], [5] * (1 + i % 4) + [EOS], [6] * (1 + i % 3) + [EOS])
         for i in range(n)
     ]
 
 
-def _tokenize(example):
-    """Toy tokenizer: the record id is token 1 of the prompt; one token per response char."""
-    return TokenizedPair(
-        [BOS, ID_OFFSET + int(example.prompt)],
-        [5] * len(example.chosen) + [EOS],
-        [6] * len(example.rejected) + [EOS],
+def _iterator(source, ref_logps=None, **kw):
+    spec = IteratorSpec(
+        **({"batch_size": 3, "max_length": 8, "shard_index": 0, "shard_count": 1} | kw)
     )
-
-
-def _iterator(source, **kw):
-    kw = {
-        "tokenize_fn": _tokenize,
-        "batch_size": 3,
-        "max_length": 8,
-        "shard_index": 0,
-        "shard_count": 1,
-    } | kw
-    return pipeline.make_preference_iterator(source, **kw)
+    return pipeline.make_preference_iterator(source, spec, ref_logps=ref_logps)
 
 
 def _ids(batch):
@@ -169,55 +161,32 @@ def test_process_shards_are_disjoint_cover_the_data_and_run_in_lockstep(drop_rem
         assert sorted(_ids(batch)) == sorted(_ids(shards[0][step]) + _ids(shards[1][step]))
 
 
-def test_bad_records_raise_naming_the_record_or_are_skipped_and_counted():
-    source = _records(9)
-    source[2] = {"prompt": "2", "chosen": "c"}  # missing field
-    source[5] = {"prompt": "5", "chosen": "c" * 9, "rejected": "r"}  # 12 tokens > max_length 8
-    source[6] = {"prompt": "6", "chosen": "BAD", "rejected": "r"}
+def test_items_that_do_not_fit_or_are_not_tokenized_are_refused_naming_the_item():
+    source = _records(4)
+    source[2] = TokenizedPair([BOS, 12], [5] * 9 + [EOS], [6, EOS])  # 12 tokens > 8
+    with pytest.raises(ValueError, match=r"prefs, item 2: 2 prompt \+ 10 chosen_ids tokens"):
+        _iterator(source, source_name="prefs")
+    with pytest.raises(TypeError, match=r"item 0: expected TokenizedPair .* got dict"):
+        _iterator([{"prompt": "0", "chosen": "c", "rejected": "r"}])
 
-    def tokenize(example):
-        if example.chosen == "BAD":
-            raise RecordError("untokenizable", "cannot tokenize", field="chosen")
-        return _tokenize(example)
 
-    kw = dict(
-        tokenize_fn=tokenize, shuffle=False, source_name="prefs.jsonl", record_format="standard"
-    )
-    with pytest.raises(RecordError, match=r"prefs\.jsonl, record 2, field 'rejected'"):
-        list(_iterator(source, **kw))
-    with pytest.raises(RecordError, match=r"record 2, field 'chosen_ids': 2 prompt \+ 10 response"):
-        list(_iterator(source[3:], **kw))
-    it = _iterator(source, on_bad_record="skip", **kw)
-    first = next(it)
-    assert _ids(first) == [0, 1, 3]  # the batch is refilled past the bad record
-    state = it.get_state()
+def test_state_saved_with_bad_record_counts_still_restores():
+    # Iterator states written before records were parsed up front carry "bad_records".
+    it = _iterator(_records(10), seed=4)
+    next(it)
+    state = it.get_state() | {"bad_records": {"num_ok": 3, "counts": {}, "first_errors": {}}}
     rest = list(it)
-    assert _all_ids(rest) == [4, 7, 8]
-    assert it.bad_records.summary() == {"missing_field": 1, "too_long": 1, "untokenizable": 1}
-    restored = _iterator(source, on_bad_record="skip", **kw)
+    restored = _iterator(_records(10), seed=4)
     restored.set_state(state)
     _assert_same_batches(list(restored), rest)
-    assert restored.bad_records.summary() == it.bad_records.summary()
-    assert restored.bad_records.num_ok == 6
 
 
 def test_sft_iterator_batches_and_restores():
-    def tokenize(example):
-        return TokenizedSequence(
-            [BOS, ID_OFFSET + int(example.prompt)], [7] * len(example.completion) + [EOS]
-        )
-
-    records = [{"prompt": str(i), "completion": "x" * (1 + i % 3)} for i in range(9)]
-    kw = dict(
-        tokenize_fn=tokenize,
-        batch_size=4,
-        max_length=6,
-        seed=0,
-        num_epochs=2,
-        shard_index=0,
-        shard_count=1,
+    records = [TokenizedSequence([BOS, ID_OFFSET + i], [7] * (1 + i % 3) + [EOS]) for i in range(9)]
+    spec = IteratorSpec(
+        batch_size=4, max_length=6, seed=0, num_epochs=2, shard_index=0, shard_count=1
     )
-    batches = list(pipeline.make_sft_iterator(records, **kw))
+    batches = list(pipeline.make_sft_iterator(records, spec))
     assert [b["example_mask"].sum() for b in batches] == [4, 4, 4, 4, 2]
     assert batches[0]["tokens"].shape == (4, 6)
     ids = [
@@ -227,53 +196,18 @@ def test_sft_iterator_batches_and_restores():
         if m
     ]
     assert sorted(ids) == sorted(list(range(9)) * 2)
-    it = pipeline.make_sft_iterator(records, **kw)
+    it = pipeline.make_sft_iterator(records, spec)
     next(it)
-    restored = pipeline.make_sft_iterator(records, **kw)
+    restored = pipeline.make_sft_iterator(records, spec)
     restored.set_state(json.loads(json.dumps(it.get_state())))
     _assert_same_batches(list(restored), batches[1:])
-
-
-def test_tfds_data_source_with_a_real_tokenizer(tmp_path):
-    manual = tmp_path / "files"
-    manual.mkdir()
-    records = [
-        {"prompt": f"Question: what is {i}? Answer:", "chosen": f" it is {i}.", "rejected": " no."}
-        for i in range(7)
-    ]
-    (manual / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    tfds_builders.prepare("preference_files", manual_dir=manual, data_dir=tmp_path / "data")
-    source = tfds.data_source(
-        "preference_files", split="train", data_dir=os.fspath(tmp_path / "data")
-    )
-    tokenizer = build_tokenizer(tmp_path / "tok")
-    config = TokenizeConfig(max_length=32, max_prompt_length=16)
-    kw = dict(tokenize_config=config, batch_size=4, shuffle=False, shard_index=0, shard_count=1)
-    batches = list(pipeline.make_preference_iterator(source, tokenizer, **kw))
-    pairs = [tokenize_pair(parse_preference(r), tokenizer, config) for r in records]
-    pad = dict(max_length=32, pad_id=tokenizer.pad_token_id, batch_size=4)
-    _assert_same_batches(
-        batches, [batching.pad_pairs(pairs[:4], **pad), batching.pad_pairs(pairs[4:], **pad)]
-    )
-    # Sharded and shuffled over the same tfds source: disjoint, covering.
-    shard_ids = []
-    for p in range(2):
-        it = pipeline.make_preference_iterator(
-            source, tokenizer, **(kw | dict(shuffle=True, shard_index=p, shard_count=2))
-        )
-        for b in it:
-            for row, m in zip(b["tokens"][:, 0], b["pair_mask"], strict=True):
-                if m:
-                    shard_ids.append(tokenizer.decode(row[row != tokenizer.pad_token_id]))
-    assert len(shard_ids) == len(set(shard_ids)) == 7
 
 
 def test_shard_defaults_to_the_jax_process_and_arguments_are_checked():
     import jax
 
-    it = pipeline.make_preference_iterator(
-        _records(4), tokenize_fn=_tokenize, batch_size=2, max_length=8
-    )
+    spec = IteratorSpec(batch_size=2, max_length=8)
+    it = pipeline.make_preference_iterator(_records(4), spec)
     assert (it.spec["shard_index"], it.spec["shard_count"]) == (
         jax.process_index(),
         jax.process_count(),
@@ -282,10 +216,14 @@ def test_shard_defaults_to_the_jax_process_and_arguments_are_checked():
         _iterator(_records(4), shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="source is empty"):
         _iterator([])
-    with pytest.raises(ValueError, match="tokenize_fn, or tokenizer and tokenize_config"):
-        pipeline.make_preference_iterator(_records(4), batch_size=2, max_length=8)
     with pytest.raises(ValueError, match="layout"):
         _iterator(_records(4), layout="ragged")
+    with pytest.raises(ValueError, match="SFT batches are padded"):
+        pipeline.make_sft_iterator([], IteratorSpec(batch_size=2, max_length=8, layout="packed"))
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        _iterator(_records(4), pad_to_multiple_of=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -325,3 +263,127 @@ def test_bad_ref_logps_are_refused_naming_the_record():
     ref[4, 1] = np.nan
     with pytest.raises(ValueError, match="source, record 4 is not finite"):
         _iterator(_records(10), ref_logps=ref)
+
+
+# ----------------------------------------------------------------------------------------
+# Records -> tokenized splits (`train.inputs.load_splits`): the one parsing path of a run
+# ----------------------------------------------------------------------------------------
+
+QA = [
+    {"prompt": f"Question: what is {i}? Answer:", "chosen": f" it is {i}.", "rejected": " no."}
+    for i in range(7)
+]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def _data_config(tokenizer_dir, **data):
+    config = defaults.base_config()
+    config.data.tokenizer = str(tokenizer_dir)
+    config.data.max_length = 32
+    config.data.max_prompt_length = 16
+    config.data.update(data)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    build_tokenizer(directory)
+    return directory
+
+
+def test_bad_records_stop_the_run_naming_file_line_field_or_are_skipped_and_counted(
+    tmp_path, tok_dir
+):
+    records = list(QA)
+    records[1] = "{broken"  # line 2
+    records[2] = {"prompt": "Q", "chosen": " same", "rejected": " same"}  # line 3
+    records[4] = {"prompt": "Q", "completion": " an SFT record"}  # line 5
+    train = _write_jsonl(tmp_path / "train.jsonl", records)
+    held_out = _write_jsonl(tmp_path / "eval.jsonl", [QA[0], {"prompt": "Q", "chosen": " c"}])
+    config = _data_config(tok_dir, train_files=(train,), eval_files=(held_out,))
+    with pytest.raises(RecordError, match=rf"{train}, line 2: invalid JSON"):
+        inputs.load_splits(config, str(tmp_path))
+    config.data.on_bad_record = "skip"
+    splits = inputs.load_splits(config, str(tmp_path))
+    assert len(splits.pairs) == 4 and len(splits.eval_pairs) == 1
+    assert splits.bad_records == {
+        "identical_responses": 1,
+        "invalid_json": 1,
+        "not_a_preference_record": 1,
+        "unknown_format": 1,  # the held-out file's line 2
+    }
+    # The kept pairs are exactly those of the good records, in file order.
+    tokenizer = splits.tokenizer
+    want = [
+        tokenize_pair(parse_preference(QA[i]), tokenizer, splits.tokenize_config)
+        for i in (0, 3, 5, 6)
+    ]
+    assert splits.pairs == want
+
+
+def test_prompt_completion_record_in_a_preference_file_names_file_line_field(tmp_path, tok_dir):
+    train = _write_jsonl(tmp_path / "train.jsonl", [QA[0], {"prompt": "Q", "completion": " A"}])
+    config = _data_config(tok_dir, train_files=(train,))
+    with pytest.raises(RecordError) as info:
+        inputs.load_splits(config, str(tmp_path))
+    err = info.value
+    assert (err.reason, err.file, err.index, err.field) == (
+        "not_a_preference_record",
+        train,
+        2,
+        "chosen",
+    )
+
+
+def test_truncated_prompts_are_counted_and_warned_once(tmp_path, tok_dir, caplog):
+    long = [dict(r, prompt=r["prompt"] * 6) for r in QA]  # prompts far over 16 tokens
+    train = _write_jsonl(tmp_path / "train.jsonl", long[:5] + QA[5:])
+    held_out = _write_jsonl(tmp_path / "eval.jsonl", QA[:2])
+    config = _data_config(tok_dir, train_files=(train,), eval_files=(held_out,))
+    with caplog.at_level(logging.WARNING, logger="dpo_jax.data"):
+        splits = inputs.load_splits(config, str(tmp_path))
+    assert splits.tokenize_events == {"prompt_truncated": 5}
+    assert all(len(p.prompt_ids) <= 16 for p in splits.pairs[:5])
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "truncated 5 prompts" in warnings[0].getMessage()
+    assert "max_prompt_length=16" in warnings[0].getMessage()
+
+
+def test_tfds_split_gives_the_same_pairs_and_batches_as_its_files(tmp_path, tok_dir):
+    manual = tmp_path / "files"
+    manual.mkdir()
+    _write_jsonl(manual / "train.jsonl", QA)
+    _write_jsonl(manual / "test.jsonl", QA[:3])
+    data_dir = tmp_path / "data"
+    tfds_builders.prepare("preference_files", manual_dir=manual, data_dir=data_dir)
+    config = _data_config(tok_dir, tfds_name="preference_files", tfds_data_dir=str(data_dir))
+    splits = inputs.load_splits(config, str(tmp_path))
+    files = _data_config(
+        tok_dir,
+        train_files=(str(manual / "train.jsonl"),),
+        eval_files=(str(manual / "test.jsonl"),),
+    )
+    from_files = inputs.load_splits(files, str(tmp_path))
+    assert splits.pairs == from_files.pairs and len(splits.pairs) == 7
+    assert splits.eval_pairs == from_files.eval_pairs and len(splits.eval_pairs) == 3
+    # The held-out iterator: file order, padded with the tokenizer's pad id.
+    batches = list(inputs.eval_iterator(splits, config, batch_size=4))
+    pad = dict(max_length=32, pad_id=splits.tokenizer.pad_token_id, batch_size=4)
+    _assert_same_batches(batches, [batching.pad_pairs(splits.eval_pairs, **pad)])
+    # Sharded and shuffled training stream over the same pairs: disjoint, covering.
+    shard_ids = []
+    for p in range(2):
+        spec = inputs.iterator_spec(
+            splits, config, batch_size=2, seed=3, num_epochs=1, shard_index=p, shard_count=2
+        )
+        for b in pipeline.make_preference_iterator(splits.pairs, spec):
+            for row, m in zip(b["tokens"][:, 0], b["pair_mask"], strict=True):
+                if m:
+                    shard_ids.append(tuple(row.tolist()))
+    assert len(shard_ids) == len(set(shard_ids)) == 7

@@ -6,8 +6,15 @@ import logging
 
 import pytest
 
-from dpo_jax.data.examples import BadRecordCounter, PreferenceExample, RecordError
-from dpo_jax.data.sources import iter_examples, iter_records
+from dpo_jax.data.examples import (
+    BadRecordCounter,
+    Location,
+    PreferenceExample,
+    RecordError,
+    SFTExample,
+    UnpairedExample,
+)
+from dpo_jax.data.sources import iter_examples, iter_records, parse_records
 
 RECORDS = [
     {"prompt": "Q1", "chosen": " a", "rejected": " b"},
@@ -169,3 +176,27 @@ def test_iter_examples_end_to_end_skip_summary(tmp_path, caplog):
     assert [ex.completion for ex, _ in sft] == [" a", " c"]
     with pytest.raises(ValueError, match="kind"):
         list(iter_examples(path, kind="nope"))
+
+
+def test_parse_records_is_the_parsing_path_of_any_source():
+    records = [
+        ({"prompt": "Q1", "chosen": " a", "rejected": " b"}, Location("tfds x/train", 0, "record")),
+        ({"prompt": "Q2", "completion": " c"}, Location("tfds x/train", 1, "record")),
+        ({"prompt": "Q3", "chosen": " d", "rejected": " e"}, Location("tfds x/train", 2, "record")),
+    ]
+    with pytest.raises(RecordError, match=r"tfds x/train, record 1, field 'chosen'"):
+        list(parse_records(records))
+    counter = BadRecordCounter("skip")
+    out = list(parse_records(records, counter=counter, count_ok=False))
+    assert [loc.index for _, loc in out] == [0, 2]
+    assert counter.summary() == {"not_a_preference_record": 1} and counter.num_ok == 0
+    sft = list(parse_records(records, kind="sft", counter=BadRecordCounter("skip")))
+    assert [ex for ex, _ in sft] == [
+        SFTExample("Q1", " a"),
+        SFTExample("Q2", " c"),
+        SFTExample("Q3", " d"),
+    ]
+    unpaired = [({"prompt": "Q", "completion": " A", "label": 0}, Location("u.jsonl", 1))]
+    assert [ex for ex, _ in parse_records(unpaired, kind="unpaired")] == [
+        UnpairedExample("Q", " A", False)
+    ]

@@ -25,8 +25,8 @@ from dpo_jax.data.examples import (
 from dpo_jax.data.tokenize import (
     TokenizeConfig,
     TokenizeStats,
-    default_truncation_mode,
     load_tokenizer,
+    pad_id_of,
     tokenize_examples,
     tokenize_pair,
     tokenize_sequence,
@@ -64,10 +64,30 @@ HH_SPACES = PreferenceExample(
 # ----------------------------------------------------------------------------- reference
 
 
-def test_load_tokenizer_from_local_dir(tmp_path):
+def test_load_tokenizer_from_local_dir(tmp_path, monkeypatch):
     build_tokenizer(tmp_path)
     t = load_tokenizer(str(tmp_path))
     assert t.eos_token == "<|eos|>" and t("x")["input_ids"][0] == t.bos_token_id
+    assert pad_id_of(t) == t.pad_token_id == 0 and pad_id_of(object()) == 0
+    # Remote code is refused explicitly, not by relying on transformers' default.
+    from transformers import AutoTokenizer
+
+    seen = {}
+    real = AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    load_tokenizer(str(tmp_path))
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
+
+
+def test_missing_tokenizer_directory_is_named(tmp_path):
+    missing = str(tmp_path / "no_such_tokenizer")
+    with pytest.raises(FileNotFoundError, match=f"tokenizer directory '{missing}' does not exist"):
+        load_tokenizer(missing)
 
 
 @pytest.mark.parametrize("example", [HH_MULTI, HH_SPACES])
@@ -301,8 +321,6 @@ def test_config_validation():
         TokenizeConfig("joint", truncation_mode="keep_end")
     with pytest.raises(ValueError, match="mode"):
         TokenizeConfig("separate")
-    assert default_truncation_mode("hh") == "keep_end"
-    assert default_truncation_mode("standard") == "keep_start"
 
 
 def test_tokenize_examples_skips_and_counts(tok_nobos, caplog):

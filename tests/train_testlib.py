@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from data_helpers import pack_pairs
 
-from dpo_jax.data.batching import pack_pairs, pad_pairs
+from dpo_jax.data.batching import pad_pairs
 from dpo_jax.data.examples import TokenizedPair
 from dpo_jax.models import DecoderLM, ModelConfig
 from dpo_jax.train import state as train_state

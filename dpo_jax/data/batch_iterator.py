@@ -1,10 +1,10 @@
 """`BatchIterator`: static-shape batches from a grain stream, with an exact JSON state.
 
-The pipeline (`dpo_jax.data.pipeline`) builds the stream (shuffle, epochs, shard, parse,
-tokenize) and hands it here; this module turns stream items into batches and owns the
-iterator state: the next stream position plus the positions of pairs that packing holds
-back. Stream items are tokenized pairs/sequences, `Bad` (a record that failed, raised or
-counted here) or `EMPTY` (a position past the data that keeps processes in lockstep).
+The pipeline (`dpo_jax.data.pipeline`) builds the stream (shuffle, epochs, shard) and
+hands it here; this module turns stream items into batches and owns the iterator state:
+the next stream position plus the positions of pairs that packing holds back. Stream
+items are tokenized pairs/sequences or `EMPTY` (a position past the data that keeps
+processes in lockstep).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Any
 
 import grain
 import numpy as np
-
-from dpo_jax.data.examples import BadRecordCounter, OnBadRecord, RecordError
 
 STATE_VERSION = 1
 
@@ -30,20 +28,13 @@ class EmptySlot:
 EMPTY = EmptySlot()
 
 
-class Bad:
-    """A record that failed to parse or tokenize; the consumer raises or counts it."""
-
-    def __init__(self, error: RecordError):
-        self.error = error
-
-
 class BatchIterator:
     """Iterator of static-shape numpy batches with an exact, JSON-serializable state.
 
     `get_state()` -> dict (JSON types only); `set_state(state)` on an iterator built with the
     same arguments continues with exactly the batches that followed `get_state()`. The
     state also carries the arguments that define the stream (`spec`) and refuses a
-    mismatch. `bad_records` holds the skip counts (BadRecordCounter), restored too.
+    mismatch.
     """
 
     def __init__(
@@ -52,16 +43,15 @@ class BatchIterator:
         batch_fn: Callable,
         *,
         spec: dict,
-        on_bad_record: OnBadRecord,
-        read_options: grain.ReadOptions,
         record_indices: grain.MapDataset | None = None,
         ref_logps: np.ndarray | None = None,
     ):
-        """items: this process's stream of tokenized items (`_Prepare` outputs).
+        """items: this process's stream of tokenized items (or `EMPTY`).
 
         batch_fn: padded: (items, ref_logps or None) -> batch; packed: (pairs, ref_logps or
           None) -> (batch, leftover indices).
-        spec: the arguments that define the stream and batches (see `_make_iterator`).
+        spec: the arguments that define the stream and batches
+          (`pipeline.IteratorSpec.state_spec`).
         record_indices, ref_logps: the stream of source indices that `items` maps, and the
           cached reference sums [N, 2] per source record (both or neither).
         """
@@ -70,7 +60,8 @@ class BatchIterator:
         self._record_indices = record_indices
         self._ref_logps = ref_logps
         self.spec = dict(spec)
-        self.bad_records = BadRecordCounter(on_bad_record, name="pipeline")
+        # No worker threads: items are already tokenized, so a map stage is a list lookup.
+        read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         self._iter = items.to_iter_dataset(read_options).__iter__()
         if self._iter.get_state() != {"next_index": 0}:
             # Restoring relies on grain's MapDataset iterator state being the next index.
@@ -82,18 +73,13 @@ class BatchIterator:
         return self
 
     def _pull(self) -> tuple[int, Any] | None:
-        """Next usable (position, item): skips bad records, None at the end of the stream."""
-        while self._next_index < len(self._items):
-            item = next(self._iter)
-            position = self._next_index
-            self._next_index += 1
-            if isinstance(item, Bad):
-                self.bad_records.handle(item.error)
-                continue
-            if not isinstance(item, EmptySlot):
-                self.bad_records.ok()
-            return position, item
-        return None
+        """Next (position, item), None at the end of the stream."""
+        if self._next_index >= len(self._items):
+            return None
+        item = next(self._iter)
+        position = self._next_index
+        self._next_index += 1
+        return position, item
 
     def _ref_rows(self, positions: list[int]) -> np.ndarray | None:
         """Cached reference sums [len(positions), 2] of the records at these positions."""
@@ -144,11 +130,6 @@ class BatchIterator:
             "spec": dict(self.spec),
             "next_index": self._next_index,
             "pending": [position for position, _ in self._buffer],
-            "bad_records": {
-                "num_ok": self.bad_records.num_ok,
-                "counts": dict(self.bad_records.counts),
-                "first_errors": dict(self.bad_records.first_errors),
-            },
         }
 
     def set_state(self, state: Mapping) -> None:
@@ -172,11 +153,8 @@ class BatchIterator:
         # Pending pairs are re-made from their positions: every stage is a pure function
         # of the position, so they come back identical.
         self._buffer = [(int(p), self._items[int(p)]) for p in state["pending"]]
-        bad = state["bad_records"]
-        self.bad_records.num_ok = int(bad["num_ok"])
-        self.bad_records.counts.clear()
-        self.bad_records.counts.update({k: int(v) for k, v in bad["counts"].items()})
-        self.bad_records.first_errors = dict(bad["first_errors"])
+        # States saved before records were parsed up front also hold "bad_records" (always
+        # empty for tokenized items); it is ignored.
 
     @property
     def epoch(self) -> float:

@@ -334,26 +334,6 @@ def packed_batch(
     return batch
 
 
-def pack_pairs(
-    pairs: Sequence[TokenizedPair],
-    *,
-    num_rows: int,
-    row_length: int,
-    max_pairs: int,
-    pad_id: int = 0,
-) -> tuple[dict[str, np.ndarray], list[TokenizedPair]]:
-    """Packs as many pairs as fit (see `plan_packing`); returns (batch, leftover pairs).
-
-    Leftover pairs keep their input order; pass them first in the next call so none is
-    ever dropped or starved. Pair slot b of the batch holds the b-th packed pair in input
-    order. To carry per-pair side data (e.g. cached ref_logps), use `plan_packing` and
-    `packed_batch`, which work with input indices.
-    """
-    plan = plan_packing(pairs, num_rows=num_rows, row_length=row_length, max_pairs=max_pairs)
-    batch = packed_batch(pairs, plan, row_length=row_length, max_pairs=max_pairs, pad_id=pad_id)
-    return batch, [pairs[i] for i in plan.leftover]
-
-
 # ----------------------------------------------------------------------------------------
 # SFT batches
 # ----------------------------------------------------------------------------------------
@@ -461,33 +441,8 @@ def check_sft_batch(batch) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Unpacking and metrics (numpy references; the jitted versions live in dpo_jax.logprobs)
+# Metrics
 # ----------------------------------------------------------------------------------------
-
-
-def pair_sums(values: np.ndarray, batch: dict) -> np.ndarray:
-    """Per-pair sums of `values` over scored (loss_mask) tokens -> [B, 2] float64.
-
-    values: [B, 2, L] for a padded batch, [R, L] for a packed one (same shape as tokens).
-    Packed: numpy reference of `dpo_jax.logprobs.pair_sums` applied to values * loss_mask.
-    """
-    values = np.asarray(values)
-    if values.shape != batch["tokens"].shape:
-        raise ValueError(f"values shape {values.shape} != tokens shape {batch['tokens'].shape}")
-    masked = values.astype(np.float64) * batch["loss_mask"]
-    num_pairs = batch["pair_mask"].shape[0]
-    if not is_packed(batch):
-        return masked.sum(axis=-1)
-    slots = batch["slot_ids"].reshape(-1)
-    keep = slots >= 0
-    sums = np.zeros(2 * num_pairs, np.float64)
-    np.add.at(sums, slots[keep], masked.reshape(-1)[keep])
-    return sums.reshape(num_pairs, 2)
-
-
-def pair_token_counts(batch: dict) -> np.ndarray:
-    """Scored tokens per pair and side -> [B, 2] (chosen_lengths, rejected_lengths)."""
-    return pair_sums(np.ones(batch["tokens"].shape), batch)
 
 
 def padding_fraction(batch: dict) -> float:

@@ -35,8 +35,6 @@ FORMATS = PREFERENCE_FORMATS + ("unpaired", "sft")
 HH_SEARCH_TERM = "\n\nAssistant:"
 HH_HUMAN_TERM = "\n\nHuman:"
 
-Example = PreferenceExample | UnpairedExample | SFTExample
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -337,6 +335,15 @@ def parse_preference(
     """
     try:
         fmt = detect_format(record) if format == "auto" else format
+        if format == "auto" and fmt not in PREFERENCE_FORMATS:
+            # A data error (one stray record in a preference file), not a wrong argument:
+            # it gets the file and line, and `on_bad_record="skip"` can skip it.
+            raise RecordError(
+                "not_a_preference_record",
+                f"a prompt/completion ({fmt}) record in preference data; expected "
+                f"chosen/rejected (record keys: {sorted(record)})",
+                field="chosen",
+            )
         _check_format(fmt, PREFERENCE_FORMATS)
         kw = {**(template_kwargs or {}), **(record.get("chat_template_kwargs") or {})}
         return _parse_preference(record, fmt, tokenizer, kw)
@@ -390,34 +397,3 @@ def parse_sft(
         return SFTExample(*_parse_prompt_completion(record, tokenizer, kw))
     except RecordError as e:
         raise e.at(location) from None
-
-
-def parse_record(
-    record: dict,
-    *,
-    format: str = "auto",
-    tokenizer=None,
-    template_kwargs: dict | None = None,
-    location: Location | None = None,
-) -> Example:
-    """Parses a record of any format into the example type that format holds."""
-    try:
-        fmt = detect_format(record) if format == "auto" else format
-        _check_format(fmt, FORMATS)
-    except RecordError as e:
-        raise e.at(location) from None
-    if fmt == "unpaired":
-        return parse_unpaired(
-            record, tokenizer=tokenizer, template_kwargs=template_kwargs, location=location
-        )
-    if fmt == "sft":
-        return parse_sft(
-            record,
-            format="sft",
-            tokenizer=tokenizer,
-            template_kwargs=template_kwargs,
-            location=location,
-        )
-    return parse_preference(
-        record, format=fmt, tokenizer=tokenizer, template_kwargs=template_kwargs, location=location
-    )

@@ -15,8 +15,10 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+import numpy as np
 
 from dpo_jax.data.examples import BadRecordCounter, Location, OnBadRecord, RecordError
 
@@ -261,6 +263,60 @@ def iter_records(
             raise ValueError(f"unknown source_format {fmt!r}; expected one of {SOURCE_FORMATS}")
 
 
+# What `parse_records` can make of a record (see its docstring).
+KINDS = ("preference", "unpaired", "sft")
+
+
+def parse_records(
+    records: Iterable[tuple[Record, Location]],
+    *,
+    kind: str = "preference",
+    record_format: str = "auto",
+    tokenizer=None,
+    counter: BadRecordCounter | None = None,
+    count_ok: bool = True,
+    template_kwargs: dict | None = None,
+) -> Iterator[tuple[Any, Location]]:
+    """Parses `(record, location)` items: yields `(example, location)` of the usable ones.
+
+    The one parsing path of the package: files (`iter_examples`) and TFDS records
+    (`dpo_jax.train.inputs`) both come through here, so a bad record is reported the same
+    way whatever its source: a `RecordError` naming file, line and field, or skipped and
+    counted.
+
+    kind: "preference" (PreferenceExample), "unpaired" (UnpairedExample) or "sft"
+      (SFTExample; preference records give their chosen side).
+    record_format: "auto" or a format name of `dpo_jax.data.formats` (not for "unpaired").
+    tokenizer: renders conversational records with its chat template.
+    counter: decides raise vs skip (default: raise); read its `summary()` afterwards.
+    count_ok: count yielded examples as kept; False when a later stage (tokenization)
+      may still drop them and counts the kept ones itself.
+    template_kwargs: extra chat-template variables.
+    """
+    from dpo_jax.data import formats
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    counter = counter or BadRecordCounter("raise")
+    kw = dict(tokenizer=tokenizer, template_kwargs=template_kwargs)
+    for record, location in records:
+        try:
+            if kind == "preference":
+                example = formats.parse_preference(
+                    record, format=record_format, location=location, **kw
+                )
+            elif kind == "sft":
+                example = formats.parse_sft(record, format=record_format, location=location, **kw)
+            else:
+                example = formats.parse_unpaired(record, location=location, **kw)
+        except RecordError as e:
+            counter.handle(e)
+            continue
+        if count_ok:
+            counter.ok()
+        yield example, location
+
+
 def iter_examples(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     *,
@@ -273,48 +329,42 @@ def iter_examples(
     counter: BadRecordCounter | None = None,
     count_ok: bool = True,
 ) -> Iterator[tuple[Any, Location]]:
-    """Reads and parses records: yields `(example, location)`.
+    """Reads and parses the records of files: `iter_records` + `parse_records`.
 
-    kind: "preference" (PreferenceExample), "unpaired" (UnpairedExample) or "sft"
-      (SFTExample; preference records give their chosen side).
     counter: decides raise vs skip for both unreadable and unparsable records (default:
-      raise); read its `summary()` / `log_summary()` afterwards.
-    count_ok: count yielded examples as kept; False when a later stage (tokenization)
-      may still drop them and counts the kept ones itself.
+      raise); read its `summary()` / `log_summary()` afterwards. The other arguments as
+      `iter_records` and `parse_records`.
     """
-    from dpo_jax.data import formats
-
-    parsers = {
-        "preference": lambda r, loc: formats.parse_preference(
-            r,
-            format=record_format,
-            tokenizer=tokenizer,
-            template_kwargs=template_kwargs,
-            location=loc,
-        ),
-        "unpaired": lambda r, loc: formats.parse_unpaired(
-            r, tokenizer=tokenizer, template_kwargs=template_kwargs, location=loc
-        ),
-        "sft": lambda r, loc: formats.parse_sft(
-            r,
-            format=record_format,
-            tokenizer=tokenizer,
-            template_kwargs=template_kwargs,
-            location=loc,
-        ),
-    }
-    if kind not in parsers:
-        raise ValueError(f"kind must be one of {sorted(parsers)}, got {kind!r}")
-    parse = parsers[kind]
     counter = counter or BadRecordCounter("raise")
-    for record, location in iter_records(
-        paths, source_format=source_format, split=split, counter=counter
-    ):
-        try:
-            example = parse(record, location)
-        except RecordError as e:
-            counter.handle(e)
-            continue
-        if count_ok:
-            counter.ok()
-        yield example, location
+    records = iter_records(paths, source_format=source_format, split=split, counter=counter)
+    yield from parse_records(
+        records,
+        kind=kind,
+        record_format=record_format,
+        tokenizer=tokenizer,
+        counter=counter,
+        count_ok=count_ok,
+        template_kwargs=template_kwargs,
+    )
+
+
+def decode_record(record: Any, location: Location | None = None) -> Any:
+    """Decodes a tfds record's UTF-8 `bytes` (and 0-d numpy values) to plain Python values.
+
+    Other records (dicts of str) are returned unchanged.
+    """
+    if not isinstance(record, Mapping):
+        return record
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError("invalid_utf8", f"not valid UTF-8 ({err.reason})", field=key).at(
+                    location
+                ) from None
+        out[key] = value
+    return out

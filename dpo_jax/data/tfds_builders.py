@@ -23,7 +23,7 @@ with `tfds.data_source` (random access, what grain wants), never with `tfds.load
     train = tfds.data_source("hh_rlhf/helpful_base", split="train", data_dir=DATA_DIR)
     train[0]  # {"prompt": b"...", "chosen": b"...", "rejected": b"..."}
 
-Text features come back as UTF-8 `bytes`; `pipeline.decode_record` turns them into str.
+Text features come back as UTF-8 `bytes`; `sources.decode_record` turns them into str.
 Example order on disk follows the input files (`disable_shuffling`), so record i of a split
 is reproducible; the training pipeline shuffles by seed.
 
@@ -47,8 +47,15 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from dpo_jax.data.examples import BadRecordCounter, OnBadRecord, RecordError, check_on_bad_record
-from dpo_jax.data.formats import PREFERENCE_FORMATS, parse_preference
-from dpo_jax.data.sources import SOURCE_FORMATS, detect_source_format, expand_paths, iter_records
+from dpo_jax.data.formats import PREFERENCE_FORMATS
+from dpo_jax.data.sources import (
+    SOURCE_FORMATS,
+    detect_source_format,
+    expand_paths,
+    iter_examples,
+    iter_records,
+    parse_records,
+)
 
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_SPLITS = ("train", "test")
@@ -122,7 +129,8 @@ class PreferenceFilesConfig(tfds.core.BuilderConfig):
     source_format: one of sources.SOURCE_FORMATS, or None to guess from each file name.
     record_format: "auto" or a text preference format ("standard", "implicit_prompt", "hh").
       Conversational (message list) records need a tokenizer's chat template and are not
-      supported here: keep them in files and use the pipeline's `parse_fn`.
+      supported here: keep them in files (`config.data.train_files`), parsed with the
+      run's tokenizer.
     on_bad_record: "raise" or "skip" (see the module docstring).
     """
 
@@ -189,21 +197,11 @@ class PreferenceFiles(_LocalFilesBuilder):
         counter = self._counter(split)
         for path in paths:
             fmt = cfg.source_format or detect_source_format(path)
-            for record, loc in iter_records([path], source_format=fmt, counter=counter):
-                try:
-                    ex = parse_preference(record, format=cfg.record_format, location=loc)
-                except RecordError as err:
-                    counter.handle(err)
-                    continue
-                counter.ok()
-                yield (
-                    f"{path}:{loc.index}",
-                    {
-                        "prompt": ex.prompt,
-                        "chosen": ex.chosen,
-                        "rejected": ex.rejected,
-                    },
-                )
+            examples = iter_examples(
+                [path], record_format=cfg.record_format, source_format=fmt, counter=counter
+            )
+            for ex, loc in examples:
+                yield f"{path}:{loc.index}", _texts(ex)
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,22 +294,23 @@ class HhRlhf(_LocalFilesBuilder):
         split_prompt = self.builder_config.split_prompt
         for path in paths:
             subset = os.path.basename(os.path.dirname(path))
-            for record, loc in iter_records([path], source_format="jsonl", counter=counter):
+            records = iter_records([path], source_format="jsonl", counter=counter)
+            if split_prompt:
+                for ex, loc in parse_records(records, record_format="hh", counter=counter):
+                    yield f"{subset}/{split}/{loc.index}", _texts(ex)
+                continue
+            for record, loc in records:
                 try:
-                    if split_prompt:
-                        ex = parse_preference(record, format="hh", location=loc)
-                        example = {
-                            "prompt": ex.prompt,
-                            "chosen": ex.chosen,
-                            "rejected": ex.rejected,
-                        }
-                    else:
-                        example = _raw_transcripts(record, loc)
+                    example = _raw_transcripts(record, loc)
                 except RecordError as err:
                     counter.handle(err)
                     continue
                 counter.ok()
                 yield f"{subset}/{split}/{loc.index}", example
+
+
+def _texts(example) -> dict[str, str]:
+    return {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
 
 
 def _raw_transcripts(record, loc) -> dict[str, str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
@@ -49,21 +50,35 @@ Mode = Literal["reference", "joint"]
 TruncationMode = Literal["keep_start", "keep_end"]
 MODES = ("reference", "joint")
 TRUNCATION_MODES = ("keep_start", "keep_end")
+# TokenizeStats events that mean some text of a record was cut off.
+TRUNCATION_EVENTS = ("prompt_truncated", "response_truncated")
 
 
 def load_tokenizer(path: str):
-    """Loads a tokenizer from a local directory (no network access is attempted)."""
+    """Loads a tokenizer from a local directory (no network access, no remote code)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Checked here: transformers would take a missing path for a Hub repo id and answer
+    # "Repo id must be in the form ...", which does not say that the directory is missing.
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"tokenizer directory {path!r} does not exist (or is not a directory); set "
+            "config.data.tokenizer (or config.model.hf_path) to a local tokenizer directory"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no eos_token; responses must end with one")
     return tokenizer
 
 
-def default_truncation_mode(record_format: str) -> TruncationMode:
-    """The paper's choice: keep the end of HH dialogues (the latest turns), the start otherwise."""
-    return "keep_end" if record_format == "hh" else "keep_start"
+def pad_id_of(tokenizer) -> int:
+    """The padding token of batches: the tokenizer's pad_token_id, else 0.
+
+    Padding tokens are never scored (loss_mask 0) nor attended to (segment id 0), so any id
+    works; the tokenizer's own keeps batches readable when decoded.
+    """
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad_id is None else int(pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +131,28 @@ class TokenizeStats:
 
     def summary(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
+
+    def log_summary(self, config: TokenizeConfig | None = None) -> str:
+        """Logs the counts as one line, at WARNING level when texts were truncated; returns it.
+
+        Truncation changes what is trained on (a prompt cut to its budget loses context, a
+        cut response loses its EOS), so the run says how often, once, not per record.
+        """
+        cut = {k: self.counts[k] for k in TRUNCATION_EVENTS if self.counts[k]}
+        budget = ""
+        if config is not None:
+            budget = f" (max_length={config.max_length}"
+            if config.mode == "reference":
+                budget += f", max_prompt_length={config.max_prompt_length}"
+            budget += f", truncation_mode={config.truncation_mode})"
+        line = f"tokenization events: {self.summary() or 'none'}"
+        if cut:
+            what = ", ".join(f"{n} {k.split('_')[0]}s" for k, n in cut.items())
+            line = f"truncated {what} to fit{budget}; {line}"
+            logger.warning("%s", line)
+        else:
+            logger.info("%s", line)
+        return line
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -24,8 +24,13 @@ from dpo_jax.data.examples import (
     TokenizedPair,
     TokenizedSequence,
 )
-from dpo_jax.data.formats import parse_preference, parse_sft
-from dpo_jax.data.tokenize import TokenizeConfig, TokenizeStats, load_tokenizer, tokenize_examples
+from dpo_jax.data.tokenize import (
+    TokenizeConfig,
+    TokenizeStats,
+    load_tokenizer,
+    pad_id_of,
+    tokenize_examples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ class Splits:
 
     pairs / eval_pairs: preference pairs (train / held out).
     sequences: SFT targets (prompt + chosen response) of the training records.
+    bad_records: skipped records per reason (`RecordError.reason`), all splits together;
+      empty unless `config.data.on_bad_record = "skip"` skipped some.
+    tokenize_events: counts of tokenization events per name (e.g. "prompt_truncated",
+      "response_truncated"; `tokenize.TokenizeStats`), all splits together.
     """
 
     tokenizer: object
@@ -43,6 +52,8 @@ class Splits:
     pairs: list[TokenizedPair]
     eval_pairs: list[TokenizedPair]
     sequences: list[TokenizedSequence]
+    bad_records: dict[str, int] = dataclasses.field(default_factory=dict)
+    tokenize_events: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def generate_synthetic(data: ml_collections.ConfigDict, seed: int, directory: str):
@@ -66,10 +77,11 @@ def generate_synthetic(data: ml_collections.ConfigDict, seed: int, directory: st
     return (train_path,), (eval_path,), tokenizer_dir
 
 
-def tfds_records(data: ml_collections.ConfigDict, split: str):
+def tfds_records(data: ml_collections.ConfigDict, split: str, counter: BadRecordCounter):
     """(record, location) of one split of the TFDS dataset `data.tfds_name` (array_record,
     read with `tfds.data_source`, no TensorFlow). Prepared first from `data.tfds_manual_dir`
-    when given (a no-op when `data.tfds_data_dir` already holds it)."""
+    when given (a no-op when `data.tfds_data_dir` already holds it). Undecodable records
+    are raised or counted by `counter`."""
     import tensorflow_datasets as tfds
 
     from dpo_jax.data import tfds_builders  # registers our builders (hh_rlhf, ...)
@@ -82,19 +94,12 @@ def tfds_records(data: ml_collections.ConfigDict, split: str):
     where = f"tfds {data.tfds_name}/{split}"
     for i in range(len(source)):
         location = Location(where, i, "record")
-        yield pipeline.decode_record(source[i], location), location
-
-
-def _parse(records, parse, fmt, tokenizer, counter) -> list[tuple[object, object]]:
-    """(example, location) for every usable (record, location) of `records`."""
-    examples = []
-    for record, location in records:
         try:
-            examples.append((parse(record, format=fmt, tokenizer=tokenizer, location=location),
-                             location))  # fmt: skip
+            record = sources.decode_record(source[i], location)
         except RecordError as err:
             counter.handle(err)
-    return examples
+            continue
+        yield record, location
 
 
 def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
@@ -117,14 +122,30 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     tokenizer = load_tokenizer(tokenizer_dir)
     counter = BadRecordCounter(data.on_bad_record, name="data")
 
-    def records(files, split):
-        if files or not data.tfds_name:
-            return sources.iter_records(files, counter=counter) if files else iter(())
-        return tfds_records(data, split)
+    def examples_of(files, tfds_split, kind="preference"):
+        """Parsed (example, location) of files, or else of a TFDS split (None: neither)."""
+        if files:
+            found = sources.iter_examples(
+                files,
+                kind=kind,
+                record_format=data.format,
+                tokenizer=tokenizer,
+                counter=counter,
+                count_ok=False,
+            )
+        elif data.tfds_name and tfds_split:
+            found = sources.parse_records(
+                tfds_records(data, tfds_split, counter),
+                kind=kind,
+                record_format=data.format,
+                tokenizer=tokenizer,
+                counter=counter,
+                count_ok=False,
+            )
+        else:
+            return None
+        return list(found)
 
-    train_records = records(train_files, data.tfds_train_split)
-    eval_records = records(eval_files, data.tfds_eval_split) if (
-        eval_files or (data.tfds_name and data.tfds_eval_split)) else None  # fmt: skip
     tokenize_config = TokenizeConfig(
         mode=data.tokenize_mode,
         max_length=data.max_length,
@@ -138,10 +159,9 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
             t for t, _ in tokenize_examples(examples, tokenizer, tokenize_config, counter, stats)
         ]
 
-    examples = _parse(train_records, parse_preference, data.format, tokenizer, counter)
-    if eval_records is not None:
-        eval_examples = _parse(eval_records, parse_preference, data.format, tokenizer, counter)
-    else:
+    examples = examples_of(train_files, data.tfds_train_split) or []
+    eval_examples = examples_of(eval_files, data.tfds_eval_split)
+    if eval_examples is None:
         # No held-out files: the last `eval_fraction` of the training records, never trained
         # on (by SFT either).
         n_eval = max(1, int(len(examples) * data.eval_fraction))
@@ -149,57 +169,73 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     sequences = []
     if "sft" in config.stages:
         if data.sft_files:
-            sft_records = sources.iter_records(data.sft_files, counter=counter)
-            sft_examples = _parse(sft_records, parse_sft, data.format, tokenizer, counter)
+            sft_examples = examples_of(tuple(data.sft_files), None, kind="sft")
         else:  # the paper's recipe: fine-tune on the preferred responses
-            sft_examples = [(SFTExample(e.prompt, e.chosen, e.templated), loc)
-                            for e, loc in examples]  # fmt: skip
+            sft_examples = [
+                (SFTExample(e.prompt, e.chosen, e.templated), loc) for e, loc in examples
+            ]
         sequences = tokenize(sft_examples)
     pairs, eval_pairs = tokenize(examples), tokenize(eval_examples)
     if counter.counts:
         counter.log_summary()
     if stats.counts:
-        log.info("Tokenization events: %s", stats.summary())
+        stats.log_summary(tokenize_config)
     if not pairs or not eval_pairs:
         raise ValueError(f"no usable pairs: {len(pairs)} train, {len(eval_pairs)} held out")
     log.info("Data: %d train pairs, %d held-out pairs.", len(pairs), len(eval_pairs))
-    return Splits(tokenizer, tokenize_config, pairs, eval_pairs, sequences)
+    return Splits(
+        tokenizer,
+        tokenize_config,
+        pairs,
+        eval_pairs,
+        sequences,
+        bad_records=counter.summary(),
+        tokenize_events=stats.summary(),
+    )
 
 
-def train_iterator(splits: Splits, config, stage: str, *, batch_size: int, seed: int,
-                   ref_logps=None):  # fmt: skip
+def iterator_spec(splits: Splits, config, **fields) -> pipeline.IteratorSpec:
+    """The batching options of `config.data` for the run's tokenized splits; `fields` add to
+    or replace them (batch size, seed, ...)."""
+    data = config.data
+    return pipeline.IteratorSpec(
+        max_length=splits.tokenize_config.max_length,
+        pad_id=pad_id_of(splits.tokenizer),
+        pad_to_multiple_of=data.pad_to_multiple_of or None,
+        **fields,
+    )
+
+
+def train_iterator(
+    splits: Splits, config, stage: str, *, batch_size: int, seed: int, ref_logps=None
+):
     """The endless, shuffled, process-sharded batch iterator of a stage ("sft" or "dpo").
 
     ref_logps: dpo only, optional cached reference sums [len(splits.pairs), 2]."""
-    data = config.data
-    common = dict(
-        tokenizer=splits.tokenizer,
-        tokenize_config=splits.tokenize_config,
+    spec = iterator_spec(
+        splits,
+        config,
         batch_size=batch_size,
         seed=seed,
-        num_epochs=data.num_epochs or None,
-        pad_to_multiple_of=data.pad_to_multiple_of or None,
+        num_epochs=config.data.num_epochs or None,
         source_name=f"{stage} training data",
+        **({} if stage == "sft" else {"layout": config.data.layout}),
     )
     if stage == "sft":
-        return pipeline.make_sft_iterator(splits.sequences, **common)
-    return pipeline.make_preference_iterator(
-        splits.pairs, layout=data.layout, ref_logps=ref_logps, **common
-    )
+        return pipeline.make_sft_iterator(splits.sequences, spec)
+    return pipeline.make_preference_iterator(splits.pairs, spec, ref_logps=ref_logps)
 
 
 def eval_iterator(splits: Splits, config, *, batch_size: int, ref_logps=None):
     """One pass over the held-out pairs in file order (last batch padded with pair_mask 0).
 
     ref_logps: optional cached reference sums [len(splits.eval_pairs), 2]."""
-    return pipeline.make_preference_iterator(
-        splits.eval_pairs,
-        tokenizer=splits.tokenizer,
-        tokenize_config=splits.tokenize_config,
+    spec = iterator_spec(
+        splits,
+        config,
         batch_size=batch_size,
         shuffle=False,
         num_epochs=1,
-        pad_to_multiple_of=config.data.pad_to_multiple_of or None,
         source_name="held-out data",
-        ref_logps=ref_logps,
     )
+    return pipeline.make_preference_iterator(splits.eval_pairs, spec, ref_logps=ref_logps)

