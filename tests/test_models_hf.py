@@ -6,6 +6,7 @@ and biases are not at their trivial init), saves it with save_pretrained, loads 
 """
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -288,6 +289,69 @@ def test_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CASES["llama"]().to_dict()))
     with pytest.raises(HFCheckpointError, match="no .*safetensors"):
         from_hf(str(tmp_path))
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file(llama_dir, tmp_path):
+    path = copy_checkpoint(llama_dir[0], tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HFCheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        from_hf(path)
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(HFCheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        from_hf(path)
+
+
+def _shard_into(src, dst, shard_dir, file_name):
+    """Saves all tensors of `src` as one shard at `shard_dir/file_name` with an index in
+    `dst` naming it by the relative or absolute path `file_name` as written in the index."""
+    tensors = load_file(src / "model.safetensors")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, shard_dir / os.path.basename(file_name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {name: file_name for name in tensors}}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return str(dst)
+
+
+def test_shard_index_may_not_point_outside_the_model_directory(llama_dir, tmp_path):
+    src = llama_dir[0]
+    inside = _shard_into(src, tmp_path / "ok", tmp_path / "ok" / "sub", "sub/w.safetensors")
+    from_hf(inside)  # a subdirectory of the model directory is fine
+    model_dir = tmp_path / "model"
+    path = _shard_into(src, model_dir, tmp_path / "other", "../other/model.safetensors")
+    with pytest.raises(HFCheckpointError, match=r"'\.\./other/model\.safetensors' is outside"):
+        from_hf(path)
+    absolute = str(tmp_path / "abs" / "model.safetensors")
+    path = _shard_into(src, tmp_path / "m2", tmp_path / "abs", absolute)
+    with pytest.raises(HFCheckpointError, match="is outside the model directory"):
+        from_hf(path)
+    # A symlink inside the directory that resolves out of it.
+    path = _shard_into(src, tmp_path / "m3", tmp_path / "elsewhere", "w.safetensors")
+    os.symlink(tmp_path / "elsewhere" / "w.safetensors", tmp_path / "m3" / "w.safetensors")
+    with pytest.raises(HFCheckpointError, match="resolves to .*elsewhere.*symlink"):
+        from_hf(path)
+    # The same for a single-file checkpoint found by listing the directory.
+    (tmp_path / "m3" / "model.safetensors.index.json").unlink()
+    with pytest.raises(HFCheckpointError, match="resolves to .*elsewhere.*symlink"):
+        from_hf(path)
+
+
+def test_hub_cache_snapshot_symlinks_into_its_blobs_load(llama_dir, tmp_path):
+    # transformers' cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>.
+    src = llama_dir[0]
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file(
+        load_file(src / "model.safetensors"), repo / "blobs" / "f00d", metadata={"format": "pt"}
+    )
+    os.symlink("../../blobs/f00d", snapshot / "model.safetensors")
+    (snapshot / "config.json").write_text((src / "config.json").read_text())
+    from_hf(str(snapshot))
 
 
 def test_unexportable_config(tmp_path):

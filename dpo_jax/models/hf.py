@@ -7,6 +7,10 @@ Policy for tensors in the checkpoint that we do not use: known non-weight buffer
 `inv_freq`, GPT-2 / GPT-NeoX causal-mask `attn.bias` / `masked_bias`) and a redundant
 `lm_head.weight` of a tied model are ignored; any other leftover tensor is a real weight we
 would silently drop, so it raises `HFCheckpointError` naming it.
+
+Safety: the tensor files a shard index names must lie inside the model directory (no
+"../", absolute paths or symlinks out of it; a hub-cache snapshot may link into its own
+`blobs/`), and a truncated or corrupt file is an `HFCheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dpo_jax.models.config import ModelConfig
@@ -204,13 +208,63 @@ def weight_entries(cfg: ModelConfig, gpt2_prefix: str = "transformer.") -> list[
     return _llama_entries(cfg)
 
 
+def _allowed_roots(path: str) -> list[str]:
+    """Directories that a checkpoint's tensor files may (really) live in.
+
+    The model directory itself; and, for a snapshot of the Hugging Face hub cache
+    (`models--org--name/snapshots/<rev>/`), whose files are symlinks into the repo's
+    `blobs/`, that blobs directory.
+    """
+    real = os.path.realpath(path)
+    roots = [real]
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(path, os.pardir, os.pardir, "blobs")))
+    return roots
+
+
+def _confined(path: str, file: str, roots: list[str], source: str) -> str:
+    """`path/file`, refused unless it names a file inside the model directory.
+
+    A shard index is data from wherever the checkpoint came from: an entry such as
+    "../other/model.safetensors", an absolute path or a symlink out of the directory
+    would load weights (and read files) the user never pointed at.
+    """
+    if os.path.isabs(file) or os.pardir in file.replace("\\", "/").split("/"):
+        raise HFCheckpointError(
+            f"{source}: tensor file {file!r} is outside the model directory {path}; only "
+            "plain file names inside it are accepted"
+        )
+    full = os.path.join(path, file)
+    real = os.path.realpath(full)
+    if not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise HFCheckpointError(
+            f"{source}: tensor file {file!r} resolves to {real}, outside the model directory "
+            f"{path} (a symlink out of it)"
+        )
+    return full
+
+
+def _open(file: str):
+    """safe_open, with a corrupt or truncated file reported by name."""
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise HFCheckpointError(f"{file}: not a readable safetensors file: {e}") from e
+
+
 def _tensor_files(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the shard index or the single file."""
+    roots = _allowed_roots(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = {name: str(file) for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFCheckpointError(f"{index}: not a shard index with a weight_map: {e!r}") from e
+        confined = {file: _confined(path, file, roots, index) for file in set(files.values())}
+        return {name: confined[file] for name, file in files.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise HFCheckpointError(
@@ -218,8 +272,9 @@ def _tensor_files(path: str) -> dict[str, str]:
         )
     names = {}
     for file in files:
-        with safe_open(os.path.join(path, file), framework="numpy") as f:
-            names.update({name: os.path.join(path, file) for name in f.keys()})
+        full = _confined(path, file, roots, path)
+        with _open(full) as f:
+            names.update({name: full for name in f.keys()})
     return names
 
 
@@ -278,14 +333,17 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
         for e in entries:
             file = files[e.hf_name]
             if file not in handles:
-                handles[file] = safe_open(file, framework="numpy").__enter__()
-            shape = tuple(handles[file].get_slice(e.hf_name).get_shape())
-            if shape != e.hf_shape:
-                raise HFCheckpointError(
-                    f"{file}: tensor {e.hf_name!r} has shape {shape}, expected {e.hf_shape} "
-                    f"from config.json"
-                )
-            array = handles[file].get_tensor(e.hf_name).astype(np.float32)
+                handles[file] = _open(file).__enter__()
+            try:
+                shape = tuple(handles[file].get_slice(e.hf_name).get_shape())
+                if shape != e.hf_shape:
+                    raise HFCheckpointError(
+                        f"{file}: tensor {e.hf_name!r} has shape {shape}, expected "
+                        f"{e.hf_shape} from config.json"
+                    )
+                array = handles[file].get_tensor(e.hf_name).astype(np.float32)
+            except SafetensorError as err:  # a shard index naming a tensor its file lacks, ...
+                raise HFCheckpointError(f"{file}: cannot read tensor {e.hf_name!r}: {err}") from err
             for p, value in zip(e.paths, e.split(array), strict=True):
                 _set(params, p, np.ascontiguousarray(value))
     finally:
