@@ -23,6 +23,10 @@ def get_config(arg=None):
     c.data.max_length = 128  # 8-token-ish prefixes plus short completions
     c.data.max_prompt_length = 64
     c.data.pad_to_multiple_of = 32
+    # Pairs are two samples of the SFT model for one prefix: with short completions, two
+    # identical (or empty) samples are likely. Skip and count them (reported in the end
+    # summary and metrics.jsonl) rather than stop the run.
+    c.data.on_bad_record = "skip"
     c.dpo.steps = 1000
     c.dpo.batch_size = 64
     c.dpo.loss.beta = 0.1

@@ -27,6 +27,10 @@ def get_config(arg=None):
     c.data.truncation_mode = "keep_end"
     c.data.max_length = 640
     c.data.max_prompt_length = 512
+    # TL;DR comparisons pair summaries sampled from several policies, so some pairs are
+    # likely identical (or empty) and cannot be trained on: skip and count them (reported in
+    # the end summary and metrics.jsonl) rather than stop a run on one such record.
+    c.data.on_bad_record = "skip"
     c.dpo.steps = 1500
     c.dpo.batch_size = 64
     c.dpo.loss.beta = 0.5
