@@ -118,7 +118,7 @@ def test_restore_into_a_used_iterator_and_endless_stream():
         next(it)
     state = it.get_state()
     want = [next(it) for _ in range(4)]  # 7 records, endless: well past epoch 2
-    assert it.epoch > 2
+    assert it.get_state()["next_index"] > 2 * 7  # consumed positions: past epoch 2
     for _ in range(2):
         next(it)
     it.set_state(state)

@@ -156,11 +156,6 @@ class BatchIterator:
         # States saved before records were parsed up front also hold "bad_records" (always
         # empty for tokenized items); it is ignored.
 
-    @property
-    def epoch(self) -> float:
-        """Epochs of the global stream consumed so far (all processes together)."""
-        return self._next_index * self.spec["shard_count"] / self.spec["num_records"]
-
     def close(self) -> None:
         close = getattr(self._iter, "close", None)
         if close is not None:

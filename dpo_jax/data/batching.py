@@ -173,7 +173,7 @@ def pad_pairs(
     batch_size: int | None = None,
     ref_logps=None,
 ) -> dict[str, np.ndarray]:
-    """Padded batch of pairs: arrays [B, 2, L] (see module docstring), pair_mask [B].
+    """The padded preference batch (layout: module docstring) of `pairs`.
 
     B = batch_size (padding pairs, all zero with pair_mask 0, fill the rest) or len(pairs).
     L = the smallest of `allowed_lengths(max_length, ...)` holding the longest sequence.
@@ -306,7 +306,7 @@ def packed_batch(
     pad_id: int = 0,
     ref_logps=None,
 ) -> dict[str, np.ndarray]:
-    """Builds the packed batch (arrays [R, L], pair_mask [B = max_pairs]) that `plan` describes.
+    """Builds the packed batch (layout: module docstring; B = max_pairs) that `plan` describes.
 
     `ref_logps`: optional [len(pairs), 2] cached reference sums aligned with `pairs`;
     batch["ref_logps"][b] = ref_logps[plan.packed[b]], zeros for empty pair slots.
@@ -348,7 +348,7 @@ def pad_sequences(
     buckets: Sequence[int] | None = None,
     batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Padded SFT batch: tokens, positions, segment_ids, loss_mask [B, L]; example_mask [B].
+    """The padded SFT batch (layout: module docstring) of `seqs`.
 
     loss_mask is 1 on completion tokens (incl. EOS). B and L follow the rules of `pad_pairs`.
     """
@@ -423,7 +423,8 @@ def check_preference_batch(batch) -> None:
 
 
 def check_sft_batch(batch) -> None:
-    """SFT batch: tokens, positions, segment_ids, loss_mask [B, L]; optional example_mask [B]."""
+    """Raises a ValueError naming the field when an SFT batch (example_mask optional) is
+    malformed."""
     _check_fields(batch, ROW_FIELDS, "SFT batch")
     shape = tuple(batch["tokens"].shape)
     if len(shape) != 2:

@@ -3,6 +3,9 @@
 Every reader yields `(record: dict, location: Location)`. Locations are 1-based lines
 for JSON / JSONL text (as editors show them) and 0-based rows for parquet / Arrow.
 
+`parse_records` turns `(record, location)` items of any source into examples; it is the
+only parsing path (files, TFDS records, the training run's data).
+
 Broken records (invalid JSON on a JSONL line, invalid UTF-8, a value that is not an
 object) raise a `RecordError` naming the file and line, or are skipped and counted when
 `on_bad_record="skip"`. Errors that make the rest of a file unreadable (a JSON list that
