@@ -7,12 +7,18 @@ and step, so `metrics.jsonl` of a multi-stage run reads as one table.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import weakref
 from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+_OPEN: weakref.WeakSet[MetricWriter] = weakref.WeakSet()
 
 
 def to_python(metrics: Mapping) -> dict[str, float]:
@@ -39,6 +45,7 @@ class MetricWriter:
             import wandb  # optional dependency: only imported when asked for
 
             self._wandb = wandb.init(project=wandb_project, config=config, dir=workdir)
+        _OPEN.add(self)
 
     def drop_after(self, stage: str, step: int) -> None:
         """Forgets records of `stage` past `step`: after a resume they are re-logged.
@@ -61,16 +68,33 @@ class MetricWriter:
         record = {"stage": stage, "step": int(step), "time": time.time(), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for name, value in metrics.items():
-            self._tb.add_scalar(f"{stage}/{name}", value, step)
+        if self._tb is not None:  # None once closed
+            for name, value in metrics.items():
+                self._tb.add_scalar(f"{stage}/{name}", value, step)
         if self._wandb is not None:
             self._wandb.log({f"{stage}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        """Flushes and closes the writers (idempotent); W&B is finished even if TensorBoard
+        fails to close."""
+        _OPEN.discard(self)
+        tb, wandb_run, self._tb, self._wandb = self._tb, self._wandb, None, None
+        try:
+            if tb is not None:
+                tb.close()
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
+
+
+def close_all() -> None:
+    """Closes every open MetricWriter, logging failures instead of raising: for a process
+    that stops on an error (TensorBoard's writer thread would otherwise keep it alive)."""
+    for writer in list(_OPEN):
+        try:
+            writer.close()
+        except Exception as err:  # noqa: BLE001 - stopping anyway; report and go on
+            log.warning("Closing the metric writers of %s: %s", writer.path, err)
 
 
 class ProgressBar:
