@@ -17,7 +17,8 @@ import pytest
 
 from dpo_jax import models, parallel
 from dpo_jax.data import synthetic
-from dpo_jax.evaluation import kl
+from dpo_jax.data.tokenize import load_tokenizer
+from dpo_jax.evaluation import inputs, kl, rewards
 from dpo_jax.evaluation import run as run_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.state import state_from_params
@@ -102,7 +103,7 @@ def test_hf_policy_end_to_end(hf_dirs, tmp_path, capsys):
     # The KL column is the mean of logp - ref_logp, and ref_logp is the reference's
     # teacher-forced log-prob of the sampled completion (recomputed here independently).
     ref_model, ref_params = models.from_hf(reference)
-    tokenizer = run_lib.load_tokenizer(policy)
+    tokenizer = load_tokenizer(policy)
     for row, group in ((rows[0], greedy), (rows[1], sampled)):
         d = np.array([s["logp"] - s["ref_logp"] for s in group])
         assert row["kl_mean"] == pytest.approx(d.mean(), rel=1e-6)
@@ -196,7 +197,7 @@ def workdir(tmp_path_factory):
 
 def test_training_workdir_every_checkpoint(workdir):
     root, model, sft = workdir
-    restored = run_lib.restore_params(os.path.join(root, "checkpoints", "sft", "6"))
+    restored = inputs.restore_params(os.path.join(root, "checkpoints", "sft", "6"))
     jax.tree.map(np.testing.assert_array_equal, restored, sft)
 
     rows = run_lib.run(tiny_config(**{"sampling.temperatures": (1.0,)}), root)
@@ -232,3 +233,37 @@ def test_hf_policy_needs_reference_and_prompts(hf_dirs, tmp_path):
         run_lib.run(tiny_config(policy_hf_path=policy, **{"prompts.files": (prompts,)}), tmp_path)
     with pytest.raises(ValueError, match="set config.prompts.files"):
         run_lib.run(tiny_config(policy_hf_path=policy, reference_hf_path=policy), tmp_path)
+
+
+def test_classifier_reward_and_win_rate_vs_chosen(hf_dirs, tmp_path):
+    """reward.name='classifier': a tiny 2-class GPT-2 classifier saved by the test; the win
+    rate against the dataset's chosen responses is recomputed from the samples file."""
+    import torch
+    import transformers
+
+    policy, reference, prompts = hf_dirs
+    torch.manual_seed(0)
+    classifier = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=VOCAB,
+                                num_labels=2, id2label={0: "NEG", 1: "POS"}, pad_token_id=0)
+    )  # fmt: skip
+    with torch.no_grad():
+        classifier.score.weight.normal_(0, 1.0)
+    path = os.fspath(tmp_path / "classifier")
+    classifier.save_pretrained(path)
+    synthetic.build_char_tokenizer(path)
+    config = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=reference,
+        **{"prompts.files": (prompts,), "reward.name": "classifier", "reward.path": path,
+           "reward.label": "POS", "sampling.temperatures": (1.0,)},
+    )  # fmt: skip
+    (row,) = run_lib.run(config, os.fspath(tmp_path / "out"))
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "samples_hf.jsonl")]
+    scores = np.array([s["reward"] for s in samples])
+    assert row["reward_mean"] == pytest.approx(scores.mean()) and np.ptp(scores) > 0
+    records = [json.loads(line) for line in open(prompts)][:8]
+    reward = rewards.HFClassifierReward(path, label="POS")
+    chosen = reward([""] * 8, [r["chosen"] for r in records])
+    wins = np.sign(scores - np.repeat(chosen, 2)) / 2 + 0.5
+    assert row["win_rate_vs_chosen"] == pytest.approx(wins.mean())

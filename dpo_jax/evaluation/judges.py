@@ -11,7 +11,8 @@ system's samples for the same prompts (e.g. the SFT model, PPO).
 
 Judges here:
   RewardJudge            compares `reward(prompts, a)` with `reward(prompts, b)` for any
-                         reward of `dpo_jax.evaluation.rewards` (offline).
+                         reward of `dpo_jax.evaluation.rewards` (offline); `compare_rewards`
+                         does the same from rewards already computed.
   write_judge_requests / read_judge_verdicts
                          a round trip through an external judge (e.g. GPT-4 with the
                          paper's prompts, `TLDR_TEMPLATE` and `HH_TEMPLATE` below): each pair
@@ -36,6 +37,7 @@ __all__ = [
     "TEMPLATES",
     "TLDR_TEMPLATE",
     "RewardJudge",
+    "compare_rewards",
     "parse_verdict",
     "read_judge_verdicts",
     "win_rate",
@@ -64,8 +66,14 @@ class RewardJudge:
         r = np.asarray(self.reward(list(prompts) * 2, list(a) + list(b)), np.float64)
         if r.shape != (2 * n,):
             raise ValueError(f"RewardJudge: the reward returned shape {r.shape}, need ({2 * n},)")
-        diff = r[:n] - r[n:]
-        return np.where(diff > self.tie_margin, 1.0, np.where(diff < -self.tie_margin, 0.0, 0.5))
+        return compare_rewards(r[:n], r[n:], tie_margin=self.tie_margin)
+
+
+def compare_rewards(rewards_a, rewards_b, *, tie_margin: float = 0.0) -> np.ndarray:
+    """Outcomes [N] for system a from its rewards and system b's, both [N]: 1 where
+    r_a > r_b + tie_margin, 0 where r_b > r_a + tie_margin, else 0.5."""
+    diff = np.asarray(rewards_a, np.float64) - np.asarray(rewards_b, np.float64)
+    return np.where(diff > tie_margin, 1.0, np.where(diff < -tie_margin, 0.0, 0.5))
 
 
 # --------------------------------------------------------------------------------------------
