@@ -8,7 +8,7 @@ Two ways to run the train step on many devices:
   heads / kv_heads / mlp / vocab). XLA inserts the collectives.
 - "pmap": classic data parallelism. Every local device holds a full copy of the state
   (leading device axis), the batch is split as [n_dev, B / n_dev, ...] and the step averages
-  gradients with `lax.pmean` over `PMAP_AXIS` (the step's `grad_reduce_axis`).
+  gradients with `lax.pmean` over `PMAP_AXIS` (the step's `axis_name`).
 
 Boxed vs unboxed params: the model creates its params as `nn.LogicallyPartitioned` boxes
 (logical axis names). The train state this module shards holds plain, *unboxed* arrays:
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 # The leading (batch / packed-row) dim of every batch array is split over these axes.
 BATCH_AXES = ("data", "fsdp")
-# Axis name of the pmap path; the step's `grad_reduce_axis` must be this name.
+# Axis name of the pmap path; the step's `axis_name` must be this name.
 PMAP_AXIS = "batch"
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -396,7 +396,7 @@ def pmap_step(
     """Data-parallel step over the local devices (`jax.pmap`, now built on shard_map).
 
     step_fn must average its gradients (and metrics) with `lax.pmean(..., axis_name)`:
-    build it with the step factory's `grad_reduce_axis=axis_name`.
+    build it with the step factory's `axis_name=axis_name`.
     Args of the returned function: state and reference from `replicate`, batch from
     `shard_batch_pmap`; every leaf carries a leading [n_dev] axis. The state is donated.
     """

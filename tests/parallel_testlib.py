@@ -107,7 +107,7 @@ def run_jit(mesh, local_batches, *, seed=0, reference_rules="same", rules=None):
     state = parallel.put_sharded(host, shardings)
     reference = parallel.put_sharded(host.params, reference_shardings)
     step = parallel.jit_step(
-        make_dpo_step(model=model, tx=tx, loss_name="sigmoid", beta=0.1),
+        make_dpo_step(model=model, tx=tx),
         mesh,
         shardings,
         reference_shardings,
@@ -128,11 +128,7 @@ def run_pmap(batches, *, seed=0):
     _, host = initial_state(seed)
     reference = parallel.replicate(host.params)
     state = parallel.replicate(host)
-    step = parallel.pmap_step(
-        make_dpo_step(
-            model=model, tx=tx, loss_name="sigmoid", beta=0.1, grad_reduce_axis=parallel.PMAP_AXIS
-        )
-    )
+    step = parallel.pmap_step(make_dpo_step(model=model, tx=tx, axis_name=parallel.PMAP_AXIS))
     losses = []
     for batch in batches:
         state, metrics = step(state, parallel.shard_batch_pmap(batch), reference)

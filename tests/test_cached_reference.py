@@ -8,6 +8,7 @@ run must read the cached sums back from the workdir instead of recomputing them.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,9 +54,9 @@ def test_cached_reference_matches_frozen_reference_params(params_run, tmp_path):
     # The cache covers every train and held-out pair, in record order, nonzero.
     ckpt = os.path.join(workdir, "checkpoints", "dpo")
     splits = inputs.load_splits(_config("cached"), workdir)
-    train = reference_cache.load_ref_logps(os.path.join(ckpt, "ref_logps.npy"), len(splits.pairs))
-    held_out = reference_cache.load_ref_logps(os.path.join(ckpt, "eval_ref_logps.npy"),
-                                     len(splits.eval_pairs))  # fmt: skip
+    train = np.load(os.path.join(ckpt, "ref_logps.npy"))
+    held_out = np.load(os.path.join(ckpt, "eval_ref_logps.npy"))
+    assert train.shape == (len(splits.pairs), 2) and held_out.shape == (len(splits.eval_pairs), 2)
     assert (train < 0).all() and (held_out < 0).all()
 
 
@@ -78,11 +79,24 @@ def test_resume_reuses_the_cached_file_and_continues_exactly(params_run, tmp_pat
                                rtol=1e-5)  # fmt: skip
 
 
-def test_a_cache_that_does_not_fit_the_data_is_refused(tmp_path):
-    workdir = str(tmp_path / "bad")
-    path = os.path.join(workdir, "checkpoints", "dpo")
-    os.makedirs(path)
-    for name in ("ref_logps.npy", "eval_ref_logps.npy"):
-        reference_cache.save_ref_logps(os.path.join(path, name), np.zeros((3, 2), np.float32))
-    with pytest.raises(ValueError, match=r"ref_logps.npy: .*\(3, 2\) float32.*needs \(\d+, 2\)"):
-        loop.run(_config("cached"), workdir)
+def test_a_stale_cache_from_other_params_and_data_is_recomputed(tmp_path, caplog):
+    # A cache of the same shape, computed from another seed's data and init, sits in the
+    # checkpoint directory: it must not be reused (the step-1 loss would not be log 2).
+    other = str(tmp_path / "other")
+    config = _config("cached", steps=1)
+    with config.unlocked():
+        config.seed = 1
+    loop.run(config, other)
+    workdir = str(tmp_path / "stale")
+    target = os.path.join(workdir, "checkpoints", "dpo")
+    shutil.copytree(os.path.join(other, "checkpoints", "dpo"), target)
+    for name in os.listdir(target):
+        if name.isdigit():  # keep the cache files only, not the other run's checkpoints
+            shutil.rmtree(os.path.join(target, name))
+    stale = np.load(os.path.join(target, "ref_logps.npy"))
+    loop.run(_config("cached", steps=1), workdir)
+    assert "recomputing them" in caplog.text
+    fresh = np.load(os.path.join(target, "ref_logps.npy"))
+    assert fresh.shape == stale.shape and not np.allclose(fresh, stale)
+    first = [r for r in read_metrics(workdir) if r["stage"] == "dpo" and "loss" in r][0]
+    np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-5)

@@ -16,8 +16,9 @@ L = lib.L
 
 
 def _big_batch(model, loss_name):
-    """(loss, metrics), grads of `dpo_loss` on the whole batch, jitted."""
-    loss = lambda p, r, b: steps.dpo_loss(p, r, b, model=model, loss_name=loss_name)
+    """(loss, metrics), grads of `preference_loss` on the whole batch, jitted."""
+    objective = steps.Objective.create(loss_name)
+    loss = lambda p, r, b: steps.preference_loss(p, r, b, model=model, objective=objective)
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
@@ -49,18 +50,16 @@ def test_accumulation_of_a_batch_mixing_loss(model, policy, reference, padded):
     # AOT sorts the batch: entries are not per-pair, so this takes the two-pass path.
     (_, want), grads = _big_batch(model, "aot")(policy, reference, padded)
     state = lib.sgd_state(policy)
-    new_state, metrics = lib.dpo_step(model, loss_name="aot", accum_steps=4)(
-        state, padded, reference
-    )
+    new_state, metrics = lib.dpo_step(model, loss="aot", accum_steps=4)(state, padded, reference)
     _check(new_state, state, metrics, grads, want)
 
 
-def test_grad_reduce_axis_matches_one_big_batch(model, policy, reference, padded, whole):
+def test_axis_name_reduction_matches_one_big_batch(model, policy, reference, padded, whole):
     # Two data-parallel shards with 4 and 1 real pairs: psum of sums / psum of counts, not a
     # mean of means. vmap with an axis name runs the same collectives as pmap, in one program.
     step = jax.jit(
         jax.vmap(
-            steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1, grad_reduce_axis="batch"),
+            steps.make_dpo_step(model=model, tx=lib.SGD, axis_name="batch"),
             axis_name="batch",
         )
     )

@@ -6,6 +6,8 @@ through the public step functions. Accumulation, data parallelism and SFT:
 test_train_accumulation.py.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ import pytest
 import train_testlib as lib
 
 from dpo_jax import logprobs, losses
+from dpo_jax.train import scoring, steps, toy
 from dpo_jax.train import state as train_state
-from dpo_jax.train import steps, toy
+
+DPO = steps.Objective.create()
 
 L = lib.L
 # Fixtures model, policy, reference, padded, packed: tests/train_testlib.py.
@@ -22,8 +26,8 @@ L = lib.L
 
 @pytest.fixture(scope="module")
 def score(model):
-    """Jitted `reference_logps`, shared so that each batch layout compiles once."""
-    return jax.jit(lambda p, b: steps.reference_logps(p, b, model=model))
+    """Jitted `pair_logps`, shared so that each batch layout compiles once."""
+    return jax.jit(lambda p, b: scoring.pair_logps(p, b, model=model))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def baseline(model, policy, reference, padded):
     reference_before = jax.tree.map(np.array, reference)
     state = lib.sgd_state(jax.tree.map(jnp.copy, policy))  # donated below
     params_before = jax.tree.map(np.array, state.params)
-    step = jax.jit(steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1), donate_argnums=(0,))
+    step = jax.jit(steps.make_dpo_step(model=model, tx=lib.SGD), donate_argnums=(0,))
     new_state, metrics = step(state, padded, reference)
     grads = jax.tree.map(lambda a, b: a - np.asarray(b), params_before, new_state.params)
     return grads, metrics, reference_before
@@ -87,19 +91,18 @@ class _CountingModel:
 def test_policy_runs_one_forward_over_both_sides(model, policy, reference, padded):
     counting = _CountingModel(model)
     cached = {**padded, "ref_logps": np.zeros((8, 2), np.float32)}
-    jax.eval_shape(lambda p, b: steps.dpo_loss(p, None, b, model=counting), policy, cached)
+    loss = functools.partial(steps.preference_loss, model=counting, objective=DPO)
+    jax.eval_shape(lambda p, b: loss(p, None, b), policy, cached)
     assert counting.calls == [(16, L)]  # [2B, L]: chosen and rejected rows together
     counting.calls.clear()
-    jax.eval_shape(
-        lambda p, r, b: steps.dpo_loss(p, r, b, model=counting), policy, reference, padded
-    )
+    jax.eval_shape(loss, policy, reference, padded)
     assert counting.calls == [(16, L), (16, L)]  # reference, then policy
 
 
 def test_reference_gets_zero_gradient_and_is_not_modified(
     model, policy, reference, padded, baseline
 ):
-    loss = lambda p, r, b: steps.dpo_loss(p, r, b, model=model)[0]
+    loss = lambda p, r, b: steps.preference_loss(p, r, b, model=model, objective=DPO)[0]
     policy_grads, ref_grads = jax.jit(jax.grad(loss, (0, 1)))(policy, reference, padded)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(ref_grads))
     # The same gradient as the step's (which never differentiates the reference at all).
@@ -159,31 +162,35 @@ def test_step_keys_are_never_reused(policy):
     assert len(keys) == 100 and tuple(np.asarray(state.rng)) not in keys
 
 
-def test_memory_efficient_logps_match(model, policy, padded, score):
+@pytest.mark.parametrize("vocab_chunk_size", [None, 24])
+def test_memory_efficient_logps_match(model, policy, padded, score, vocab_chunk_size):
+    # Vocabulary blocks of 24 do not divide the 64-token vocabulary: a ragged last block.
+    options = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=vocab_chunk_size)
     plain = score(policy, padded)
-    fast = jax.jit(
-        lambda p, b: steps.reference_logps(p, b, model=model, memory_efficient=True, chunk_size=5)
-    )(policy, padded)
+    fast = jax.jit(lambda p, b: scoring.pair_logps(p, b, model=model, options=options))(
+        policy, padded
+    )
     np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(plain)[5:] == 0) and np.all(np.asarray(plain)[:5] < 0)
 
 
 def test_eval_step_matches_train_metrics(model, policy, reference, padded, baseline):
-    metrics = jax.jit(steps.make_eval_step(model=model, beta=0.1))(policy, padded, reference)
+    metrics = jax.jit(steps.make_eval_step(model=model))(policy, padded, reference)
     _, want, _ = baseline
-    assert set(metrics) == set(want) - {"grad_norm", "nonfinite_steps"}
+    update_metrics = {"grad_norm", "update_norm", "nonfinite_steps", "rejected_steps"}
+    assert set(metrics) == set(want) - update_metrics
     for name in metrics:
         np.testing.assert_allclose(metrics[name], want[name], rtol=1e-6, err_msg=name)
 
 
 def _wpo():
-    return losses.build("sigmoid", use_weighting=True)
+    return steps.Objective.create(losses.build("sigmoid", use_weighting=True))
 
 
 def test_errors_are_clear(model, policy, reference, padded, packed):
     shapes = jax.eval_shape
     state = lib.sgd_state(policy)
-    step = steps.make_dpo_step(model=model, tx=lib.SGD, beta=0.1)
+    step = steps.make_dpo_step(model=model, tx=lib.SGD)
     with pytest.raises(ValueError, match="needs a reference"):
         shapes(step, state, padded, None)
     with pytest.raises(ValueError, match="both reference params and batch"):
@@ -196,20 +203,23 @@ def test_errors_are_clear(model, policy, reference, padded, packed):
         three = steps.make_dpo_step(model=model, tx=lib.SGD, accum_steps=3)
         shapes(three, state, padded, reference)
     with pytest.raises(ValueError, match="packed batches do not provide"):
-        wpo = steps.make_dpo_step(model=model, tx=lib.SGD, loss_name=_wpo())
+        wpo = steps.make_dpo_step(model=model, tx=lib.SGD, objective=_wpo())
         shapes(wpo, state, packed, reference)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        steps.make_dpo_step(model=model, tx=lib.SGD, loss_hparams={"label_smothing": 0.1})
+        steps.Objective.create("sigmoid", hparams={"label_smothing": 0.1})
     with pytest.raises(ValueError, match="unknown loss"):
-        steps.make_dpo_step(model=model, tx=lib.SGD, loss_name="sigmiod")
+        steps.Objective.create("sigmiod")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        steps.Objective.create("sigmoid", beta=0.0)
     # A reference-free loss needs none.
-    free = steps.make_dpo_step(model=model, tx=lib.SGD, loss_name="simpo")
+    simpo = steps.Objective.create("simpo")
+    free = steps.make_dpo_step(model=model, tx=lib.SGD, objective=simpo)
     assert shapes(free, state, padded, None)[1]["loss"].shape == ()
 
 
 def test_per_token_loss_runs_on_padded_batches(model, policy, reference, padded):
     # WPO needs per-token policy log-probs and log sum_v p(v)^2 (from the full logits).
-    evaluate = steps.make_eval_step(model=model, loss_name=_wpo())
+    evaluate = steps.make_eval_step(model=model, objective=_wpo())
     assert jax.eval_shape(evaluate, policy, padded, reference)["loss"].shape == ()
 
 

@@ -85,8 +85,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
-def dpo_step(model, **kwargs):
-    return jax.jit(steps.make_dpo_step(model=model, tx=SGD, beta=0.1, **kwargs))
+def dpo_step(model, loss="sigmoid", **kwargs):
+    objective = steps.Objective.create(loss, beta=0.1)
+    return jax.jit(steps.make_dpo_step(model=model, tx=SGD, objective=objective, **kwargs))
 
 
 # ------------------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ class LossOutput(NamedTuple):
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 LENGTH_FIELDS = ("chosen_lengths", "rejected_lengths")
 PER_PAIR_FIELDS = ("chosen_logps", "rejected_logps", *REFERENCE_FIELDS, *LENGTH_FIELDS)
+# Per-token fields a loss may need ([B, L]): the policy's, the reference's, and WPO's
+# log sum_v p(v)^2 of the policy's next-token distribution.
+TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps", "chosen_loss_mask",
+                "rejected_loss_mask")  # fmt: skip
+REF_TOKEN_FIELDS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+SUM_SQ_FIELDS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs")
 
 
 def as_float32(lp: PreferenceLogps) -> PreferenceLogps:
@@ -124,8 +130,9 @@ class Loss:
     def __repr__(self) -> str:
         return f"Loss({self.name!r}, requires_reference={self.requires_reference})"
 
-    def _check_arguments(self, logps, hparams: Mapping[str, Any], beta) -> None:
-        """Unknown hyperparameters, a non-positive beta, and missing required fields."""
+    def check_hparams(self, hparams: Mapping[str, Any], beta=None) -> None:
+        """Unknown hyperparameters and a non-positive beta (a Python number; traced betas are
+        not checked). Called by every loss call, and early by training configs."""
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
             raise ValueError(
@@ -134,6 +141,10 @@ class Loss:
             )
         if isinstance(beta, int | float) and not beta > 0:
             raise ValueError(f"loss '{self.name}': beta must be > 0, got {beta}")
+
+    def _check_arguments(self, logps, hparams: Mapping[str, Any], beta) -> None:
+        """Hyperparameters, beta, and missing required fields."""
+        self.check_hparams(hparams, beta)
         for field in self.needs:
             if getattr(logps, field) is None:
                 why = " (it needs a reference model)" if field in REFERENCE_FIELDS else ""

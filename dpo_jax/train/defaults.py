@@ -7,8 +7,9 @@ needs; the command line overrides single fields (`--config.dpo.loss.beta=0.5`).
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
-from dpo_jax import parallel
+from dpo_jax import losses, parallel
 from dpo_jax.train.optimizers import default_optimizer_config
 
 
@@ -18,6 +19,26 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     opt = default_optimizer_config()
     opt.update(overrides)
     return opt
+
+
+def loss_hparams_config() -> ml_collections.ConfigDict:
+    """Every hyperparameter of the registered losses, unset (None: the loss's own default).
+
+    Listing them all lets the command line set one (`--config.dpo.loss.hparams.label_smoothing
+    =0.1`) in a locked config; `validate` refuses a value the chosen loss does not accept.
+    """
+    c = ml_collections.ConfigDict()
+    for name in (*losses.names(), *losses.unpaired_names()):
+        for hparam, default in sorted(losses.get(name).hparams.items()):
+            c[hparam] = config_dict.placeholder(type(default))
+    return c
+
+
+def scoring_config(c: ml_collections.ConfigDict) -> None:
+    """A stage's log-prob options (see `dpo_jax.train.scoring.ScoringOptions`)."""
+    c.memory_efficient_logps = False  # log-probs from hidden states, no [B, L, V] buffer
+    c.logps_chunk_size = 256  # memory-efficient path: sequence positions per chunk
+    c.logps_vocab_chunk_size = 8192  # memory-efficient path: vocab block (0 = whole vocab)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 0  # optimizer steps of the SFT stage
     c.sft.batch_size = 64  # sequences per step (global, over all processes)
+    c.sft.accum_steps = 1  # micro-batches per step (same result as one big batch)
+    scoring_config(c.sft)
     c.sft.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, warmup_steps=10)
 
     # --- DPO stage -----------------------------------------------------------------------
@@ -73,11 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
     # params (frozen copy) | cached (per-pair sums computed once at the stage start, train
     # and held-out pairs, then the copy is freed) | none (reference-free losses)
     c.dpo.reference = "params"
-    c.dpo.memory_efficient_logps = False  # log-probs from hidden states, no [B, L, V] buffer
+    scoring_config(c.dpo)
     c.dpo.loss = ml_collections.ConfigDict()
     c.dpo.loss.name = "sigmoid"  # a name from dpo_jax.losses.names()
     c.dpo.loss.beta = 0.1  # the KL-penalty strength (meaning per loss: see its docstring)
-    c.dpo.loss.hparams = ml_collections.ConfigDict()  # extra loss arguments, e.g. label_smoothing
+    c.dpo.loss.hparams = loss_hparams_config()  # other loss arguments, e.g. label_smoothing
     c.dpo.optimizer = optimizer_config()
 
     # --- Parallelism ---------------------------------------------------------------------
@@ -89,6 +112,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.coordinator_address = ""  # multi-host: host:port of process 0 (or from env)
     c.parallel.num_processes = 0  # multi-host: process count (0 = from env / single)
     c.parallel.process_id = -1  # multi-host: this process's index (-1 = from env)
+    # multi-host without flags or DPO_JAX_* variables: let JAX detect the cluster (Cloud TPU,
+    # Slurm, Open MPI, Kubernetes); off by default, since it fails outside a cluster
+    c.parallel.auto_detect = False
+
+    # --- Update guard (both stages) ------------------------------------------------------
+    # A step whose loss, gradients or new params are not finite is skipped (params and
+    # optimizer state kept); so is a finite update larger than `max_update_ratio` times the
+    # params' norm (a blow-up, e.g. a learning rate off by orders of magnitude; 0 = no bound).
+    c.guard = ml_collections.ConfigDict()
+    c.guard.max_update_ratio = 1.0
+    c.guard.max_consecutive_skipped = 10  # abort the run (non-zero exit) after this many
 
     # --- Checkpoints, evaluation, logging ------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

@@ -1,7 +1,8 @@
 """The main job: SFT and/or DPO stages over a device mesh, checkpointed, resumable.
 
-Read top to bottom: process setup -> data -> model -> devices -> stages (each: optimizer,
-state, restore, steps, evaluation, checkpoints) -> export -> summary.
+Read top to bottom: process setup -> config validation -> data -> model -> devices ->
+stages (each: optimizer, state, restore, steps, evaluation, checkpoints) -> export ->
+summary. `dpo_jax/train/README.md` maps each part of a DPO update to its module.
 
 Resume order of a stage: its own latest readable checkpoint in the workdir, else its
 starting params (the previous stage's final params, a Hugging Face directory, or a seeded
@@ -33,10 +34,16 @@ from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
 from dpo_jax.train.optimizers import make_optimizer
+from dpo_jax.train.reference_cache import params_fingerprint
+from dpo_jax.train.scoring import ScoringOptions, pair_logps
+from dpo_jax.train.validate import STAGES, objective_of, validate
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "dpo")
+
+class TrainingAborted(RuntimeError):
+    """The run stopped itself (e.g. too many consecutive skipped steps); its last
+    checkpoint holds the last accepted params."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -45,23 +52,31 @@ STAGES = ("sft", "dpo")
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int):
-    """(model, host params or None). None: params are a seeded random init (see `Devices`)."""
+    """(model, host params or None). None: params are a seeded random init (see `Devices`).
+
+    Refuses a model whose vocabulary is smaller than the tokenizer's (on every path):
+    token ids past the embedding table would make every step NaN.
+    """
     m = config.model
     overrides = {**m.overrides.to_dict(), "dtype": m.dtype, "remat": m.remat}
     if m.hf_path:
         dtype = overrides.pop("dtype")
-        return models.from_hf(m.hf_path, dtype=dtype, **overrides)
-    if m.preset == "tiny":
-        model_config = models.ModelConfig.tiny(**{"vocab_size": vocab_size, **overrides})
-    elif m.preset:
-        model_config = models.presets.get(m.preset, **overrides)
+        model, params = models.from_hf(m.hf_path, dtype=dtype, **overrides)
+        where = f"config.model.hf_path={m.hf_path!r}"
     else:
-        raise ValueError("set config.model.hf_path (a local HF directory) or config.model.preset")
-    if model_config.vocab_size < vocab_size:
+        if m.preset == "tiny":
+            model_config = models.ModelConfig.tiny(**{"vocab_size": vocab_size, **overrides})
+        else:
+            model_config = models.presets.get(m.preset, **overrides)
+        model, params = models.DecoderLM(model_config), None
+        where = f"config.model.preset={m.preset!r}"
+    if model.config.vocab_size < vocab_size:
         raise ValueError(
-            f"model vocab_size {model_config.vocab_size} < the tokenizer's {vocab_size} tokens"
+            f"{where}: the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
+            f"than the tokenizer's ({vocab_size}); use the tokenizer the model was trained "
+            "with (config.data.tokenizer)"
         )
-    return models.DecoderLM(model_config), None
+    return model, params
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,44 +93,43 @@ class Stage:
         self.stage_config = config[name]
         self.total = int(self.stage_config.steps)
         self.init_params, self.reference = init_params, reference
+        self.scoring = ScoringOptions.from_config(self.stage_config)
         self.checkpointer = StageCheckpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints", name),
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
         )
-        if devices.mode == "pmap" and config.data.layout == "packed":
-            # Packed rows number their pairs for the whole batch; splitting them over pmap
-            # devices would orphan pairs. Packing shards cleanly under "jit".
-            raise ValueError("data.layout='packed' needs parallel.mode='jit' (not 'pmap')")
-        batch_size = self.stage_config.batch_size
-        if batch_size % jax.process_count():
-            raise ValueError(f"{name}.batch_size={batch_size} must divide by the process count")
-        self.local_batch = batch_size // jax.process_count()
-        if self.local_batch % devices.shards:
-            raise ValueError(
-                f"{name}.batch_size={batch_size}: each process's {self.local_batch} examples "
-                f"must divide into its {devices.shards} batch shards"
-            )
+        self.local_batch = self.stage_config.batch_size // jax.process_count()
         self.seed = config.seed + 1000 * (STAGES.index(name) + 1)
         self.eval_ref_logps = None  # cached mode: reference sums of the held-out pairs
+        self.skipped = {"nonfinite": 0, "rejected": 0}  # steps the guard refused, in total
 
     # --- build ------------------------------------------------------------------------
 
     def _step_and_eval(self, tx):
         c, model = self.stage_config, self.devices.model
         axis = parallel.PMAP_AXIS if self.devices.mode == "pmap" else None
+        common = dict(
+            model=model,
+            tx=tx,
+            scoring=self.scoring,
+            accum_steps=c.accum_steps,
+            axis_name=axis,
+            guard=steps.Guard(self.config.guard.max_update_ratio),
+        )
         if self.name == "sft":
-            return steps.make_sft_step(model=model, tx=tx, grad_reduce_axis=axis), None
-        loss = dict(loss_name=c.loss.name, beta=c.loss.beta, loss_hparams=c.loss.hparams.to_dict(),
-                    memory_efficient=c.memory_efficient_logps)  # fmt: skip
-        step = steps.make_dpo_step(model=model, tx=tx, accum_steps=c.accum_steps,
-                                   grad_reduce_axis=axis, **loss)  # fmt: skip
-        return step, steps.make_eval_step(model=model, reduce_axis=axis, **loss)
+            return steps.make_sft_step(**common), None
+        objective = objective_of(self.config)
+        evaluate = steps.make_eval_step(
+            model=model, objective=objective, scoring=self.scoring, axis_name=axis
+        )
+        return steps.make_dpo_step(objective=objective, **common), evaluate
 
     def _cached_reference(self) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-prob sums [N, 2] of every (train, held-out) pair, from the stage's
-        starting params: read from the stage's checkpoint directory when a previous attempt
-        wrote them, else computed once, in record order, and written there (process 0).
+        starting params: read from the stage's checkpoint directory when an earlier attempt
+        wrote them from the same params, pairs and scoring options (a content key), else
+        computed once, in record order, and written there (process 0).
 
         Held-out pairs are cached too (not scored by a frozen reference at each evaluation),
         so no copy of the reference params outlives this call.
@@ -123,124 +137,178 @@ class Stage:
         directory = os.fspath(self.checkpointer.directory)
         paths = [os.path.join(directory, f) for f in ("ref_logps.npy", "eval_ref_logps.npy")]
         splits = (self.splits.pairs, self.splits.eval_pairs)
-        found = all(os.path.exists(path) for path in paths)
+        fingerprint = params_fingerprint(self.init_params)
+        keys = [
+            reference_cache.cache_key(fingerprint, pairs, self.scoring, self.config.data.max_length)
+            for pairs in splits
+        ]
+        cached = [
+            reference_cache.load_ref_logps(path, len(pairs), key)
+            for path, pairs, key in zip(paths, splits, keys, strict=True)
+        ]
+        found = all(ref is not None for ref in cached)
         if jax.process_count() > 1:  # process 0's view decides, so all take the same branch
             found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
         if found:
             log.info("%s: reusing the cached reference log-probs in %s.", self.name, directory)
-            return tuple(reference_cache.load_ref_logps(path, len(pairs))
-                         for path, pairs in zip(paths, splits, strict=True))  # fmt: skip
-        c = self.stage_config
-        score_fn = functools.partial(steps.reference_logps, model=self.devices.model,
-                                     memory_efficient=c.memory_efficient_logps)  # fmt: skip
+            return tuple(cached)
+        score_fn = functools.partial(pair_logps, model=self.devices.model, options=self.scoring)
         score = self.devices.compile_scoring(score_fn, self.init_params)
-        pad_id = reference_cache.pad_id_of(self.splits.tokenizer)
-        cached = []
-        for pairs in splits:
-            ref = np.zeros((len(pairs), 2), np.float32)
-            for local, indices in reference_cache.scoring_batches(pairs, self.config, pad_id=pad_id,
-                                                         batch_size=self.local_batch):  # fmt: skip
-                out, indices = score(local, indices)
-                ref[indices[indices >= 0]] = out[indices >= 0]
-            cached.append(ref)
+        cached = [
+            reference_cache.score_pairs(
+                score,
+                pairs,
+                self.config,
+                tokenizer=self.splits.tokenizer,
+                batch_size=self.local_batch,
+            )
+            for pairs in splits
+        ]
         if jax.process_index() == 0:
-            for path, ref in reversed(list(zip(paths, cached, strict=True))):
-                reference_cache.save_ref_logps(path, ref)  # train last: both exist once it does
+            for path, ref, key in reversed(list(zip(paths, cached, keys, strict=True))):
+                reference_cache.save_ref_logps(
+                    path, ref, key
+                )  # train last: both exist once it does
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("cached reference log-probs written")
-        log.info("%s: cached the reference log-probs of %d + %d pairs in %s.", self.name,
-                 len(cached[0]), len(cached[1]), directory)  # fmt: skip
+        log.info(
+            "%s: cached the reference log-probs of %d + %d pairs in %s.",
+            self.name,
+            len(cached[0]),
+            len(cached[1]),
+            directory,
+        )
         return tuple(cached)
 
-    def run(self):
-        c = self.stage_config
-        tx = make_optimizer({**c.optimizer.to_dict(), "total_steps": self.total})
+    def _start(self, tx):
+        """(state, train iterator): restored from the latest checkpoint, or fresh."""
         rng = jax.random.fold_in(jax.random.key(self.config.seed), STAGES.index(self.name))
         ref_logps = None
         if self.name == "dpo" and self.config.dpo.reference == "cached":
-            if losses.get(c.loss.name).requires_reference:
+            if losses.get(self.config.dpo.loss.name).requires_reference:
                 ref_logps, self.eval_ref_logps = self._cached_reference()
         state = self.devices.new_state(self.init_params, tx, rng)
         # The state holds its own copy; dropping ours frees the starting params (which in
         # cached mode were the reference) once the caller has dropped its references too.
         self.init_params = None
-        train_iter = inputs.train_iterator(self.splits, self.config, self.name,
-                                           batch_size=self.local_batch, seed=self.seed,
-                                           ref_logps=ref_logps)  # fmt: skip
-        nonfinite_total = 0
-
+        train_iter = inputs.train_iterator(
+            self.splits,
+            self.config,
+            self.name,
+            batch_size=self.local_batch,
+            seed=self.seed,
+            ref_logps=ref_logps,
+        )
         restored = self.checkpointer.restore_latest(self.devices.checkpoint_target(state))
         if restored is not None:
             step, host_state, data_states = restored
             state = self.devices.from_checkpoint(host_state)
             train_iter.set_state(data_states["iterators"][jax.process_index()])
-            nonfinite_total = data_states["nonfinite_steps"]
+            self.skipped["nonfinite"] = data_states["nonfinite_steps"]
+            self.skipped["rejected"] = data_states.get("rejected_steps", 0)
             self.writer.drop_after(self.name, step)
             log.info("%s: resumed from step %d of %d.", self.name, step, self.total)
-        step = int(jax.device_get(self.devices.to_checkpoint(state).step))
+        return state, train_iter
 
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self):
+        tx = make_optimizer({**self.stage_config.optimizer.to_dict(), "total_steps": self.total})
+        state, train_iter = self._start(tx)
+        step = int(jax.device_get(self.devices.to_checkpoint(state).step))
         step_fn, eval_fn = self._step_and_eval(tx)
         train = self.devices.compile(step_fn, self.reference)
         evaluate = eval_fn and self.devices.compile_eval(eval_fn, self.reference)
         if evaluate and step == 0:
             self._log_eval(evaluate, state, 0)
-
-        log_every, eval_every = self.config.log.every_steps, self.config.eval.every_steps
-        ckpt_every = self.config.checkpoint.every_steps
+        every = {
+            "log": self.config.log.every_steps,
+            "eval": self.config.eval.every_steps,
+            "checkpoint": self.config.checkpoint.every_steps,
+        }
         bar = ProgressBar(self.name, self.total, step, self.config.log.progress_bar)
-        nonfinite = jnp.zeros((), jnp.float32)
-        tokens = jnp.zeros((), jnp.float32)
-        last_logged = step
-        while step < self.total:
-            local = next(train_iter)
-            state, metrics = train(state, local)
-            step += 1
-            nonfinite = nonfinite + metrics["nonfinite_steps"]
-            tokens = tokens + metrics["tokens"]
-            last = step == self.total
-            if step % log_every == 0 or last:
-                m = to_python(metrics)
-                new_nonfinite = int(jax.device_get(nonfinite))
-                if new_nonfinite:
-                    log.warning("%s: %d non-finite step(s) skipped up to step %d (params kept).",
-                                self.name, new_nonfinite, step)  # fmt: skip
-                nonfinite_total += new_nonfinite
-                nonfinite = jnp.zeros((), jnp.float32)
-                m["nonfinite_steps_total"] = nonfinite_total
-                m["tokens_per_sec"] = bar.update(step - last_logged, m, float(tokens))
-                m["padding_fraction"] = batching.padding_fraction(local)
-                tokens, last_logged = jnp.zeros((), jnp.float32), step
-                self.writer.write(self.name, step, m)
-            if evaluate and (step % eval_every == 0 or last):
-                self._log_eval(evaluate, state, step)
-            if step % ckpt_every == 0 or last:
-                data_state = {"iterators": devices_lib.all_process_states(train_iter.get_state()),
-                              "nonfinite_steps": nonfinite_total}  # fmt: skip
-                self.checkpointer.save(step, self.devices.to_checkpoint(state), data_state)
-        bar.close()
+        window, guard_limit = _Window(step), self.config.guard.max_consecutive_skipped
+        try:
+            while step < self.total:
+                local = next(train_iter)
+                state, metrics = train(state, local)
+                step += 1
+                window.add(metrics)
+                last = step == self.total
+                # Read at least every `max_consecutive_skipped` steps, to stop a dead run soon.
+                if step % every["log"] == 0 or last or window.unread >= guard_limit:
+                    self._log_train(step, window, bar, local)
+                if evaluate and (step % every["eval"] == 0 or last):
+                    self._log_eval(evaluate, state, step)
+                if step % every["checkpoint"] == 0 or last:
+                    self._save(step, state, train_iter)
+        except TrainingAborted:
+            self.checkpointer.close()  # pending saves (of accepted params) reach the disk
+            raise
+        finally:
+            bar.close()
+            train_iter.close()
         self.checkpointer.close()
-        train_iter.close()
         return self.devices.params_of(state)
+
+    def _log_train(self, step: int, window: _Window, bar: ProgressBar, local) -> None:
+        """Writes the latest step's metrics and the guard's counts since the last write;
+        aborts the run after too many consecutive skipped steps."""
+        m = to_python(window.last)
+        nonfinite, rejected, consecutive = window.flush()
+        self.skipped["nonfinite"] += nonfinite
+        self.skipped["rejected"] += rejected
+        if nonfinite or rejected:
+            log.warning(
+                "%s: step(s) skipped up to step %d, params kept: %d non-finite, %d "
+                "over the update bound (guard.max_update_ratio).",
+                self.name,
+                step,
+                nonfinite,
+                rejected,
+            )
+        m["nonfinite_steps_total"] = self.skipped["nonfinite"]
+        m["rejected_steps_total"] = self.skipped["rejected"]
+        m["tokens_per_sec"] = bar.update(step - window.start, m, window.tokens)
+        m["padding_fraction"] = batching.padding_fraction(local)
+        window.start, window.tokens = step, 0.0
+        self.writer.write(self.name, step, m)
+        limit = self.config.guard.max_consecutive_skipped
+        if consecutive >= limit:
+            raise TrainingAborted(
+                f"{self.name}: the last {consecutive} steps (up to step {step}) were all "
+                f"skipped ({self.skipped['nonfinite']} non-finite, {self.skipped['rejected']} "
+                f"over the update bound in total; limit config.guard.max_consecutive_skipped="
+                f"{limit}). The model is not learning: check the learning rate, the data and "
+                f"the model/tokenizer pairing. The last checkpoint in "
+                f"{self.checkpointer.directory} holds the last accepted params."
+            )
+
+    def _save(self, step: int, state, train_iter) -> None:
+        data_state = {
+            "iterators": devices_lib.all_process_states(train_iter.get_state()),
+            "nonfinite_steps": self.skipped["nonfinite"],
+            "rejected_steps": self.skipped["rejected"],
+        }
+        self.checkpointer.save(step, self.devices.to_checkpoint(state), data_state)
 
     # --- evaluation ---------------------------------------------------------------------
 
     def _log_eval(self, evaluate, state, step):
         totals: dict[str, float] = {}
         pairs = tokens = 0.0
-        params = state.params
-        batches = inputs.eval_iterator(self.splits, self.config, batch_size=self.local_batch,
-                                       ref_logps=self.eval_ref_logps)  # fmt: skip
+        max_pairs = self.config.eval.max_batches * self.local_batch
+        batches = inputs.eval_iterator(
+            self.splits, self.config, batch_size=self.local_batch, ref_logps=self.eval_ref_logps
+        )
         for local in batches:
-            m = to_python(evaluate(params, local))
+            m = to_python(evaluate(state.params, local))
             n = m.pop("pairs")
             tokens += m.pop("tokens")
             for k, v in m.items():  # per-batch means over real pairs -> weighted by pairs
                 totals[k] = totals.get(k, 0.0) + v * n
             pairs += n
-            if (
-                self.config.eval.max_batches
-                and pairs >= self.config.eval.max_batches * self.local_batch
-            ):
+            if max_pairs and pairs >= max_pairs:
                 break
         metrics = {f"eval/{k}": v / max(pairs, 1.0) for k, v in totals.items()}
         metrics["eval/pairs"], metrics["eval/tokens"] = pairs, tokens
@@ -248,15 +316,33 @@ class Stage:
         return metrics
 
 
+class _Window:
+    """Device-side sums of the steps since the last metrics write (no host sync per step),
+    and the count of consecutive skipped steps, carried across windows."""
+
+    def __init__(self, start: int):
+        self.start, self.tokens, self.last, self.unread = start, 0.0, None, 0
+        self._sums = jnp.zeros((3,), jnp.float32)  # non-finite, rejected, tokens
+        self._run = jnp.zeros((), jnp.float32)
+
+    def add(self, metrics) -> None:
+        nonfinite, rejected = metrics["nonfinite_steps"], metrics["rejected_steps"]
+        self._sums = self._sums + jnp.stack([nonfinite, rejected, metrics["tokens"]])
+        self._run = jnp.where(nonfinite + rejected > 0, self._run + 1, 0.0)
+        self.last, self.unread = metrics, self.unread + 1
+
+    def flush(self) -> tuple[int, int, int]:
+        """(non-finite, rejected, consecutive skipped steps) read from the devices; the sums
+        restart."""
+        sums, run = jax.device_get((self._sums, self._run))
+        self.tokens += float(sums[2])
+        self._sums, self.unread = jnp.zeros((3,), jnp.float32), 0
+        return int(sums[0]), int(sums[1]), int(run)
+
+
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
-
-
-def _write_config(config, workdir):
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _export(model, params, tokenizer, workdir):
@@ -270,25 +356,41 @@ def _export(model, params, tokenizer, workdir):
         log.info("Exported the final policy to %s", path)
 
 
+SUMMARY_ROWS = (
+    ("reward accuracy", "rewards/accuracies"),
+    ("log-prob accuracy", "logps/accuracies"),
+    ("reward margin", "rewards/margins"),
+    ("chosen reward", "rewards/chosen"),
+    ("rejected reward", "rewards/rejected"),
+    ("chosen log-prob", "logps/chosen"),
+    ("rejected log-prob", "logps/rejected"),
+    ("DPO loss", "loss"),
+)
+
+
 def summarize(workdir: str) -> str:
-    """What DPO changed on the held-out pairs, read back from `<workdir>/metrics.jsonl`."""
+    """What DPO changed on the held-out pairs, and what the data lost, read back from
+    `<workdir>/metrics.jsonl`."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if r["stage"] == "dpo" and "eval/loss" in r]
+        records = [json.loads(line) for line in f if line.strip()]
+    lines = []
+    data = [r for r in records if r["stage"] == "data"]
+    if data:
+        counts = {
+            k.split("/", 2)[2]: int(v)
+            for k, v in data[-1].items()
+            if k.startswith("data/") and k.count("/") == 2 and v
+        }
+        if counts:
+            lines.append("Data: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    evals = [r for r in records if r["stage"] == "dpo" and "eval/loss" in r]
     if not evals:
-        return "no DPO evaluation recorded"
+        return "\n".join([*lines, "no DPO evaluation recorded"])
     first, last = evals[0], evals[-1]
-    rows = [
-        ("reward accuracy", "rewards/accuracies"),
-        ("log-prob accuracy", "logps/accuracies"),
-        ("reward margin", "rewards/margins"),
-        ("chosen reward", "rewards/chosen"),
-        ("rejected reward", "rewards/rejected"),
-        ("chosen log-prob", "logps/chosen"),
-        ("rejected log-prob", "logps/rejected"),
-        ("DPO loss", "loss"),
-    ]
-    lines = [f"Held-out pairs ({int(last['eval/pairs'])}): step {first['step']} -> {last['step']}"]
-    for label, key in rows:
+    lines.append(
+        f"Held-out pairs ({int(last['eval/pairs'])}): step {first['step']} -> {last['step']}"
+    )
+    for label, key in SUMMARY_ROWS:
         lines.append(f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}")
     lines.append(
         "  (chance is 0.5; at step 0 the policy is the reference: rewards tie, accuracy 0)"
@@ -296,29 +398,52 @@ def summarize(workdir: str) -> str:
     return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+def _data_record(splits) -> dict[str, float]:
+    """The data's bad-record and tokenization counts as one metrics.jsonl record."""
+    record = {"data/train_pairs": len(splits.pairs), "data/eval_pairs": len(splits.eval_pairs)}
+    for group, counts in (
+        ("skipped", getattr(splits, "bad_records", {})),
+        ("tokenize", getattr(splits, "tokenize_events", {})),
+    ):
+        record[f"data/{group}_total"] = sum(counts.values())
+        record.update({f"data/{group}/{k}": v for k, v in counts.items()})
+    return record
+
+
+def _claim(workdir: str, config, allow_config_change: bool) -> None:
+    """Writes the resolved config to `<workdir>/config.json` (process 0)."""
+    del allow_config_change
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _stage_inputs(name, config, devices, params, initial_params):
+    """(starting params, frozen reference or None) of stage `name`."""
+    if name != "dpo":
+        return params, None
+    if config.dpo.init_from == "model":
+        params = initial_params
+    reference = devices.reference(params) if config.dpo.reference == "params" else None
+    return params, reference
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> Any:
     """Runs (or resumes) every stage of `config` in `workdir`; returns the final params."""
-    # --- process setup ---
+    # --- process setup and config ---
     p = config.parallel
-    parallel.initialize_distributed(p.coordinator_address or None, p.num_processes or None,
-                                    None if p.process_id < 0 else p.process_id)  # fmt: skip
+    parallel.initialize_distributed(
+        p.coordinator_address or None,
+        p.num_processes or None,
+        None if p.process_id < 0 else p.process_id,
+        auto_detect=p.auto_detect,
+    )
+    validate(config)
     os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
-    for stage in config.stages:
-        if stage not in STAGES:
-            raise ValueError(f"config.stages: unknown stage {stage!r}; expected {STAGES}")
-    if "dpo" in config.stages and config.dpo.reference == "cached":
-        needs = losses.get(config.dpo.loss.name).needs
-        if any(f in needs for f in steps.REF_TOKEN_FIELDS):
-            raise ValueError(f"loss {config.dpo.loss.name!r} needs per-token reference log-probs; "
-                             "cached per-pair sums are not enough (set config.dpo.reference="
-                             "'params')")  # fmt: skip
-    if "dpo" in config.stages and config.dpo.reference == "none":
-        if losses.requires_reference(config.dpo.loss.name):
-            raise ValueError(f"loss {config.dpo.loss.name!r} needs a reference model "
-                             "(set config.dpo.reference='params')")  # fmt: skip
-    writer = MetricWriter(workdir, wandb_project=config.log.wandb_project,
-                          config=config.to_dict())  # fmt: skip
+    _claim(workdir, config, allow_config_change)
+    writer = MetricWriter(workdir, wandb_project=config.log.wandb_project, config=config.to_dict())
 
     # --- data ---
     if jax.process_index() == 0 and config.data.synthetic:
@@ -326,6 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic data written")
     splits = inputs.load_splits(config, workdir)
+    writer.drop_after("data", -1)  # a rerun replaces the record instead of adding one
+    writer.write("data", 0, _data_record(splits))
 
     # --- model and devices ---
     model, host_params = build_model(config, len(splits.tokenizer))
@@ -334,20 +461,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
     # --- stages ---
     for name in config.stages:
-        reference = None
-        if name == "dpo":
-            if config.dpo.init_from not in ("sft", "model"):
-                raise ValueError(f"config.dpo.init_from={config.dpo.init_from!r}: sft | model")
-            if config.dpo.init_from == "sft" and "sft" not in config.stages:
-                raise ValueError("config.dpo.init_from='sft' needs 'sft' in config.stages")
-            if config.dpo.init_from == "model":
-                params = initial_params
-            if config.dpo.reference == "params":
-                reference = devices.reference(params)
-            elif config.dpo.reference not in ("cached", "none"):
-                raise ValueError(
-                    f"config.dpo.reference={config.dpo.reference!r}: params | cached | none"
-                )
+        params, reference = _stage_inputs(name, config, devices, params, initial_params)
         stage = Stage(name, config, workdir, devices, splits, writer, params, reference)
         # The stage owns its starting params now; holding no reference to them here lets it
         # free them (cached reference mode).

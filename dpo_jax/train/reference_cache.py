@@ -7,16 +7,20 @@ reference params outlives that first pass, and a resumed run reuses them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.data import batching
+from dpo_jax.data.tokenize import pad_id_of
 
-# Re-exported for the loop's `reference_cache.pad_id_of`; defined once, in data.tokenize.
-from dpo_jax.data.tokenize import pad_id_of  # noqa: F401
+log = logging.getLogger(__name__)
 
 
 def scoring_batches(pairs, config, *, batch_size: int, pad_id: int):
@@ -33,32 +37,71 @@ def scoring_batches(pairs, config, *, batch_size: int, pad_id: int):
     multiple = (config.data.pad_to_multiple_of or None) if n == 1 else None
     for b in range(num_batches):
         indices = mine[b * batch_size : (b + 1) * batch_size]
-        batch = batching.pad_pairs([pairs[i] for i in indices], max_length=config.data.max_length,
-                                   pad_id=pad_id, pad_to_multiple_of=multiple,
-                                   batch_size=batch_size)  # fmt: skip
+        batch = batching.pad_pairs(
+            [pairs[i] for i in indices],
+            max_length=config.data.max_length,
+            pad_id=pad_id,
+            pad_to_multiple_of=multiple,
+            batch_size=batch_size,
+        )
         record_indices = np.full((batch_size,), -1, np.int32)
         record_indices[: len(indices)] = indices
         yield batch, record_indices
 
 
-def save_ref_logps(path: str, ref_logps: np.ndarray) -> None:
-    """Writes [N, 2] float32 to `path` atomically (a tmp file, then a rename): a run killed
-    mid-write leaves no truncated file to be trusted on resume."""
+def score_pairs(score, pairs, config, *, batch_size: int, tokenizer) -> np.ndarray:
+    """Per-pair log-prob sums [len(pairs), 2] float32 of `pairs`, in record order, on every
+    process. score: `Devices.compile_scoring` of `scoring.pair_logps` (the reference)."""
+    ref = np.zeros((len(pairs), 2), np.float32)
+    pad_id = pad_id_of(tokenizer)
+    for local, indices in scoring_batches(pairs, config, batch_size=batch_size, pad_id=pad_id):
+        out, indices = score(local, indices)
+        ref[indices[indices >= 0]] = out[indices >= 0]
+    return ref
+
+
+def save_ref_logps(path: str, ref_logps: np.ndarray, key: str) -> None:
+    """Writes [N, 2] float32 to `path`, and `key` (what the sums were computed from, see
+    `load_ref_logps`) beside it in `<path>.json`. Both atomically (a tmp file, then a
+    rename), the sums last: a run killed mid-write leaves no file to be trusted on resume."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path + ".json", json.dumps({"key": key, "num_pairs": len(ref_logps)}).encode())
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
         np.save(f, np.asarray(ref_logps, np.float32))
     os.replace(tmp, path)
 
 
-def load_ref_logps(path: str, num_pairs: int) -> np.ndarray:
-    """Reads a `save_ref_logps` file and checks it fits the data ([num_pairs, 2], finite)."""
+def _atomic_write(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def load_ref_logps(path: str, num_pairs: int, key: str) -> np.ndarray | None:
+    """The cached sums of `path` if they were computed from what `key` describes (the
+    reference params, the tokenized pairs and the scoring options), else None (stale: the
+    caller recomputes). Raises when a matching file does not fit the data or is not
+    finite."""
+    meta_path = path + ".json"
+    if not (os.path.exists(path) and os.path.exists(meta_path)):
+        return None
+    with open(meta_path) as f:
+        stored = json.load(f).get("key")
+    if stored != key:
+        log.warning(
+            "%s: cached reference log-probs were computed from other params, data or "
+            "scoring options (key %s, now %s); recomputing them.",
+            path,
+            stored,
+            key,
+        )
+        return None
     ref = np.load(path)
     if ref.shape != (num_pairs, 2) or ref.dtype != np.float32:
         raise ValueError(
             f"{path}: cached reference log-probs of shape {ref.shape} {ref.dtype}; this run's "
-            f"data needs ({num_pairs}, 2) float32. Was the data changed since it was written? "
-            "Delete the file to recompute it."
+            f"data needs ({num_pairs}, 2) float32. Delete the file to recompute it."
         )
     bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
     if bad.size:
@@ -66,9 +109,42 @@ def load_ref_logps(path: str, num_pairs: int) -> np.ndarray:
     return ref
 
 
-def score_pairs(score, pairs, config, *, batch_size: int) -> np.ndarray:
-    """Per-pair log-prob sums [len(pairs), 2] float32 of `pairs`, in record order, on every
-    process. score: `Devices.compile_scoring` of `scoring.pair_logps` (the reference)."""
-    ref = np.zeros((len(pairs), 2), np.float32)
-    pad_id = pad_id_of(config_tokenizer := None) if False else None  # replaced below
-    return ref
+def cache_key(params_fingerprint: str, pairs, scoring_options, max_length: int) -> str:
+    """What cached sums depend on: the reference params (their content fingerprint), every
+    tokenized pair (ids and the response split), the scoring options and the padded length.
+    """
+    digest = hashlib.sha256()
+    digest.update(params_fingerprint.encode())
+    digest.update(repr((scoring_options, max_length)).encode())
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(np.asarray(ids, np.int64).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()
+
+
+def params_fingerprint(params) -> str:
+    """A content checksum of a params pytree (sharded, replicated or multi-host alike).
+
+    Each leaf is reduced on its devices to (sum x, sum x * w) with fixed pseudo-random
+    weights w (a projection that a changed value moves, unlike the plain sum of a
+    reordering), in float32; the host hashes the tree paths, shapes, dtypes and these sums.
+    Cheap (two reductions per leaf, a few bytes to the host) for params of any size.
+    """
+
+    @jax.jit
+    def reduce(leaves):
+        out = []
+        for i, x in enumerate(leaves):
+            x = x.astype(jnp.float32).ravel()
+            w = jax.random.uniform(jax.random.key(i), x.shape, jnp.float32, -1.0, 1.0)
+            out.append(jnp.stack([x.sum(), (x * w).sum()]))
+        return out
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    sums = jax.device_get(reduce([x for _, x in flat]))
+    digest = hashlib.sha256()
+    for (path, x), s in zip(flat, sums, strict=True):
+        digest.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}:".encode())
+        digest.update(np.asarray(s, np.float32).tobytes())
+    return digest.hexdigest()

@@ -1,23 +1,21 @@
-"""The jitted train steps: DPO (any registered preference loss), SFT, evaluation.
+"""Everything inside one jitted train step: the objective, accumulation, the guarded update.
 
-Each step is a pure function; `make_dpo_step(...)` / `make_sft_step(...)` /
-`make_eval_step(...)` bind the static parts (model, optimizer, loss, accumulation) and
-return `step(state, batch, reference) -> (state, metrics)` (eval: `(params, batch,
-reference) -> metrics`), which the caller jits with shardings and a donated state
-(`dpo_jax.parallel.jit_step`) or pmaps (`parallel.pmap_step`, `grad_reduce_axis="batch"`).
+`make_dpo_step(...)` / `make_sft_step(...)` bind the static parts (model, optimizer,
+`Objective`, `ScoringOptions`, accumulation, `Guard`) and return
+`step(state, batch, reference) -> (state, metrics)`; `make_eval_step(...)` returns
+`evaluate(params, batch, reference) -> metrics`. The caller jits them with shardings and a
+donated state (`dpo_jax.parallel.jit_step`) or pmaps them (`parallel.pmap_step`, with
+`axis_name=parallel.PMAP_AXIS`). Batches: see `dpo_jax.data.batching`.
 
-One DPO step, for a batch of B pairs (padded `[B, 2, L]` or packed `[R, L]`, see
-`dpo_jax.data.batching`):
-  1. policy: ONE forward over all sequences. Padded `[B, 2, L]` is viewed as `[2B, L]`
-     (row 2b + side: a pair's two rows stay on the same batch shard); packed rows are used
-     as they are and `slot_ids` map tokens to pair slots (`logprobs.pair_sums`).
+One DPO step, for a batch of B pairs:
+  1. policy: ONE forward over all sequences (`scoring.Scoring.pair_stats`).
   2. reference: frozen params (forward under `stop_gradient`, never differentiated), or
      cached sums `batch["ref_logps"]: [B, 2]`, or none for reference-free losses.
-  3. loss: `losses.get(loss)(PreferenceLogps, beta=..., **hparams)`, averaged over real
-     pairs (`pair_mask`) of the whole batch, over all micro-batches and devices.
-  4. update: gradients psum'ed over `grad_reduce_axis`, optimizer (clipping inside it),
-     and a non-finite guard that keeps params and optimizer state when the loss or the
-     gradients are not finite (`metrics["nonfinite_steps"] = 1`).
+  3. loss: `Objective` = a registered loss with its beta and hyperparameters, averaged over
+     the real pairs (`pair_mask`) of the whole batch, over all micro-batches and devices.
+  4. update: gradients psum'ed over `axis_name`, optimizer (clipping inside it), and a
+     guard that keeps params and optimizer state when the loss, the gradients or the new
+     params are not finite, or when the update is implausibly large (`Guard`).
 
 Gradient accumulation (`accum_steps = A`) splits the batch into A micro-batches inside the
 step (`lax.scan`) and gives the gradient of the one-big-batch loss, not a mean of
@@ -33,8 +31,10 @@ Metric names follow the DPO reference code / TRL: `loss`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`,
 `logps/rejected` (means over real pairs), plus `logps/accuracies` (fraction of real pairs
 whose chosen log-prob exceeds the rejected one under the policy alone), `grad_norm`
-(before clipping), `tokens` (scored tokens of real pairs), `pairs`, `learning_rate` (the
-rate this update applied; with `make_optimizer`), `nonfinite_steps` (1 or 0).
+(before clipping), `update_norm`, `tokens` (scored tokens of real pairs), `pairs`,
+`learning_rate` (the rate this update applied; with `make_optimizer`), `nonfinite_steps`
+(1 when the loss, gradients or new params were not finite) and `rejected_steps` (1 when a
+finite update was refused by the guard's bound).
 """
 
 from __future__ import annotations
@@ -50,37 +50,24 @@ import optax
 from jax import lax
 
 from dpo_jax import losses
+from dpo_jax.data.batching import ROW_FIELDS, check_preference_batch, check_sft_batch, is_packed
+from dpo_jax.losses.core import REF_TOKEN_FIELDS, SUM_SQ_FIELDS, TOKEN_FIELDS
 from dpo_jax.train.optimizers import learning_rate_from_state
-from dpo_jax.train.scoring import (
-    ROW_FIELDS,
-    Batch,
-    Scoring,
-    check_preference_batch,
-    check_sft_batch,
-    is_packed,
-    pair_lengths,
-    reference_logps,
-    sft_mask,
-    split_micro_batches,
-)
+from dpo_jax.train.scoring import DEFAULT_SCORING, Scoring, ScoringOptions, pair_lengths
 from dpo_jax.train.state import TrainState, step_key
 
-__all__ = [
-    "apply_gradients",
-    "dpo_loss",
-    "dpo_step",
-    "eval_step",
-    "make_dpo_step",
-    "make_eval_step",
-    "make_sft_step",
-    "preference_grads",
-    "reference_logps",
-    "sft_step",
-]
-TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps", "chosen_loss_mask",
-                "rejected_loss_mask")  # fmt: skip
-REF_TOKEN_FIELDS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
-SUM_SQ_FIELDS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs")
+Batch = Mapping[str, jax.Array]
+SUM_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/accuracies",
+    "tokens",
+    "pairs",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -90,11 +77,29 @@ SUM_SQ_FIELDS = ("chosen_log_sum_sq_probs", "rejected_log_sum_sq_probs")
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A preference loss with its hyperparameters and what it needs (static)."""
+    """A preference loss with its beta and hyperparameters, and what it needs (static).
+
+    Build it with `Objective.create`, which checks the name and hyperparameters once.
+    """
 
     loss: losses.Loss
     beta: float
     hparams: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def create(
+        cls,
+        loss: str | losses.Loss = "sigmoid",
+        beta: float = 0.1,
+        hparams: Mapping[str, Any] | None = None,
+    ) -> Objective:
+        """The one place for the loss defaults: sigmoid (DPO), beta 0.1 (the paper's)."""
+        loss = losses.get(loss)
+        hparams = dict(hparams or {})
+        if "beta" in hparams:
+            raise ValueError("loss hparams: pass beta as its own argument, not inside hparams")
+        loss.check_hparams(hparams, float(beta))
+        return cls(loss, float(beta), tuple(sorted(hparams.items())))
 
     @property
     def per_token(self) -> bool:
@@ -119,7 +124,7 @@ class Objective:
         if self.loss.requires_reference and reference is None and "ref_logps" not in batch:
             raise ValueError(
                 f"loss '{name}' needs a reference: pass the frozen reference params, or batches "
-                "with cached 'ref_logps' [B, 2] (see steps.reference_logps)"
+                "with cached 'ref_logps' [B, 2] (see scoring.pair_logps)"
             )
         if self.per_token and is_packed(batch):
             raise ValueError(
@@ -142,6 +147,14 @@ class Objective:
             lax.stop_gradient(reference), batch, num_pairs, per_token=self.ref_per_token
         )
         return lax.stop_gradient(stats)
+
+    def policy_stats(self, scoring: Scoring, params, batch: Batch, num_pairs: int, key=None):
+        # Models without dropout ignore the key; it is there so that ones with dropout
+        # never reuse a key.
+        rngs = None if key is None else {"dropout": key}
+        return scoring.pair_stats(
+            params, batch, num_pairs, per_token=self.per_token, sum_sq=self.sum_sq, rngs=rngs
+        )
 
     def preference_logps(self, policy, ref, batch: Batch) -> losses.PreferenceLogps:
         fields = {}
@@ -188,88 +201,131 @@ class Objective:
         }
         return loss_sum, metrics
 
-
-SUM_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected", "logps/accuracies", "tokens", "pairs")  # fmt: skip
-
-
-def _psum(x, axis):
-    return x if axis is None else lax.psum(x, axis)
-
-
-def _normalizer(objective: Objective, batch: Batch, axis) -> jax.Array:
-    """What the loss sum is divided by: real pairs (or all loss entries) of the global batch."""
-    if objective.loss.per_pair:
-        count = (batch["pair_mask"] != 0).sum().astype(jnp.float32)
-    else:
-        count = jnp.float32(batch["pair_mask"].shape[0])
-    return jnp.maximum(_psum(count, axis), 1.0)
+    def normalizer(self, batch: Batch, axis_name) -> jax.Array:
+        """What the loss sum is divided by: real pairs (or all loss entries) of the global
+        batch."""
+        if self.loss.per_pair:
+            count = (batch["pair_mask"] != 0).sum().astype(jnp.float32)
+        else:
+            count = jnp.float32(batch["pair_mask"].shape[0])
+        return jnp.maximum(_psum(count, axis_name), 1.0)
 
 
-def _means(loss, sums: dict, axis) -> dict:
-    sums = _psum(sums, axis)
+def _psum(x, axis_name):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _means(loss, sums: dict, axis_name) -> dict:
+    sums = _psum(sums, axis_name)
     pairs = jnp.maximum(sums["pairs"], 1.0)
     metrics = {k: v / pairs for k, v in sums.items() if k not in ("tokens", "pairs")}
     return {"loss": loss, **metrics, "tokens": sums["tokens"], "pairs": sums["pairs"]}
 
 
-def preference_grads(params, reference, batch, key, *, scoring, objective, accum_steps, axis):
+# ------------------------------------------------------------------------------------------
+# Gradients of the preference objective, with exact accumulation
+# ------------------------------------------------------------------------------------------
+
+
+def split_micro_batches(batch: Batch, accum_steps: int, packed: bool) -> tuple[dict, dict]:
+    """Splits the micro-batched fields into [A, ...] (returned first) from the global ones.
+
+    Padded: every field is split along B. Packed: row fields along R; `pair_mask` and
+    `ref_logps` ([B] pair slots, shared by all rows) stay whole.
+    """
+    split_fields = (*ROW_FIELDS, "slot_ids") if packed else tuple(batch)
+    lead_name = "R (rows)" if packed else "B (pairs)"
+    micro, whole = {}, {}
+    for name, x in batch.items():
+        if name not in split_fields:
+            whole[name] = x
+            continue
+        if x.shape[0] % accum_steps:
+            raise ValueError(
+                f"accum_steps={accum_steps} must divide the batch's {lead_name} = {x.shape[0]} "
+                f"(field {name!r})"
+            )
+        micro[name] = x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    return micro, whole
+
+
+def _micro_keys(key, accum_steps: int) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(accum_steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grads:
+    """The static parts of one gradient computation (see `preference_grads`)."""
+
+    scoring: Scoring
+    objective: Objective
+    norm: jax.Array  # the loss normalizer of the global batch (a traced scalar)
+
+    def micro_loss(self, params, mb, ref, key):
+        """(this micro-batch's share of the mean loss, its metric sums)."""
+        n = mb["pair_mask"].shape[0]
+        policy = self.objective.policy_stats(self.scoring, params, mb, n, key)
+        loss_sum, sums = self.objective.sums(policy, ref, mb)
+        return loss_sum / self.norm, sums
+
+
+def preference_grads(params, reference, batch, key, *, scoring, objective, accum_steps, axis_name):
     """(grads, loss, metric sums) of the mean loss over the real pairs of the global batch.
 
-    `grads` and `loss` are this device's share (to be psum'ed over `axis`); metric sums are
-    this device's sums. `key` is the step's key; micro-batch i uses `fold_in(key, i)`.
+    `grads` and `loss` are this device's share (to be psum'ed over `axis_name`); metric sums
+    are this device's sums. `key` is the step's key; micro-batch i uses `fold_in(key, i)`.
     """
     objective.check(batch, reference)
+    g = _Grads(scoring, objective, objective.normalizer(batch, axis_name))
+    if accum_steps == 1:
+        n = batch["pair_mask"].shape[0]
+        ref = objective.reference_stats(scoring, reference, batch, n)
+        value_and_grad = jax.value_and_grad(g.micro_loss, has_aux=True)
+        (loss, sums), grads = value_and_grad(params, batch, ref, jax.random.fold_in(key, 0))
+        return grads, loss, sums
+    if not is_packed(batch) and objective.loss.per_pair:
+        return _one_pass_grads(g, params, reference, batch, key, accum_steps)
+    return _two_pass_grads(g, params, reference, batch, key, accum_steps)
+
+
+def _one_pass_grads(g: _Grads, params, reference, batch, key, accum_steps):
+    """Micro-batches hold whole pairs and the loss is a sum over pairs: add their grads."""
+    micro, _ = split_micro_batches(batch, accum_steps, packed=False)
+    value_and_grad = jax.value_and_grad(g.micro_loss, has_aux=True)
+
+    def accumulate(carry, xs):
+        mb, k = xs
+        ref = g.objective.reference_stats(g.scoring, reference, mb, mb["pair_mask"].shape[0])
+        return jax.tree.map(jnp.add, carry, value_and_grad(params, mb, ref, k)), None
+
+    zero_sums = {k: jnp.float32(0) for k in SUM_KEYS}
+    init = ((jnp.float32(0), zero_sums), jax.tree.map(jnp.zeros_like, params))
+    ((loss, sums), grads), _ = lax.scan(accumulate, init, (micro, _micro_keys(key, accum_steps)))
+    return grads, loss, sums
+
+
+def _two_pass_grads(g: _Grads, params, reference, batch, key, accum_steps):
+    """Forward every micro-batch, take the whole batch's loss and its cotangents w.r.t. the
+    pair stats, then backpropagate each micro-batch's share. Packed micro-batches give
+    partial sums over all B pair slots (a pair's sequences may lie in different
+    micro-batches); padded ones give their slice of pairs."""
     packed = is_packed(batch)
-    norm = _normalizer(objective, batch, axis)
+    objective, scoring = g.objective, g.scoring
+    micro, whole = split_micro_batches(batch, accum_steps, packed)
+    keys = _micro_keys(key, accum_steps)
     num_pairs = batch["pair_mask"].shape[0]
 
-    def policy_stats(p, mb, k, n):
-        # Models without dropout ignore the key; it is there so that ones with dropout
-        # never reuse a key.
-        return scoring.pair_stats(p, mb, n, per_token=objective.per_token,
-                                  sum_sq=objective.sum_sq, rngs={"dropout": k})  # fmt: skip
+    def full(mb):  # a micro-batch with the batch-wide fields, and its number of pair slots
+        return {**mb, **whole}, (num_pairs if packed else mb["pair_mask"].shape[0])
 
-    def micro_objective(p, mb, ref, k):
-        loss_sum, sums = objective.sums(policy_stats(p, mb, k, mb["pair_mask"].shape[0]), ref, mb)
-        return loss_sum / norm, sums
-
-    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
-    if accum_steps == 1:
-        ref = objective.reference_stats(scoring, reference, batch, num_pairs)
-        (loss, sums), grads = grad_fn(params, batch, ref, jax.random.fold_in(key, 0))
-        return grads, loss, sums
-
-    micro, whole = split_micro_batches(batch, accum_steps, packed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(accum_steps))
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-
-    if not packed and objective.loss.per_pair:
-        # One pass: micro-batches hold whole pairs and the loss is a sum over pairs.
-        def accumulate(carry, xs):
-            mb, k = xs
-            ref = objective.reference_stats(scoring, reference, mb, mb["pair_mask"].shape[0])
-            out = grad_fn(params, mb, ref, k)
-            return jax.tree.map(jnp.add, carry, out), None
-
-        zero_sums = {k: jnp.float32(0) for k in SUM_KEYS}
-        init = ((jnp.float32(0), zero_sums), zero_grads)
-        ((loss, sums), grads), _ = lax.scan(accumulate, init, (micro, keys))
-        return grads, loss, sums
-
-    # Two passes. Packed micro-batches give partial sums over all B pair slots (a pair's
-    # sequences may lie in different micro-batches); padded ones give their slice of pairs.
     def micro_stats(p, mb, k):
-        full = {**mb, **whole}
-        return policy_stats(p, full, k, num_pairs if packed else mb["pair_mask"].shape[0])
+        return objective.policy_stats(scoring, p, *full(mb), k)
 
     def forward(_, xs):
         mb, k = xs
         ref = None
         if reference is not None and objective.loss.requires_reference:
-            full = {**mb, **whole}
-            n = num_pairs if packed else mb["pair_mask"].shape[0]
-            ref = objective.reference_stats(scoring, reference, full, n)
+            ref = objective.reference_stats(scoring, reference, *full(mb))
         return None, (micro_stats(params, mb, k), ref)
 
     _, (policy, ref) = lax.scan(forward, None, (micro, keys))
@@ -278,11 +334,11 @@ def preference_grads(params, reference, batch, key, *, scoring, objective, accum
     if reference is None:
         ref = objective.reference_stats(scoring, None, batch, num_pairs)
 
-    def whole_objective(stats):
+    def whole_loss(stats):
         loss_sum, sums = objective.sums(stats, ref, batch)
-        return loss_sum / norm, sums
+        return loss_sum / g.norm, sums
 
-    (loss, sums), cotangent = jax.value_and_grad(whole_objective, has_aux=True)(policy)
+    (loss, sums), cotangent = jax.value_and_grad(whole_loss, has_aux=True)(policy)
     if packed:
         split_ct = lambda c: jnp.broadcast_to(c, (accum_steps, *c.shape))
     else:
@@ -293,24 +349,59 @@ def preference_grads(params, reference, batch, key, *, scoring, objective, accum
         _, vjp = jax.vjp(lambda p: micro_stats(p, mb, k), params)
         return jax.tree.map(jnp.add, grads, vjp(ct)[0]), None
 
-    grads, _ = lax.scan(backward, zero_grads, (micro, keys, jax.tree.map(split_ct, cotangent)))
+    xs = (micro, keys, jax.tree.map(split_ct, cotangent))
+    grads, _ = lax.scan(backward, jax.tree.map(jnp.zeros_like, params), xs)
     return grads, loss, sums
 
 
 # ------------------------------------------------------------------------------------------
-# Update with a non-finite guard
+# The guarded update
 # ------------------------------------------------------------------------------------------
 
 
-def apply_gradients(state: TrainState, grads, loss, tx) -> tuple[TrainState, dict]:
-    """Optimizer update unless `loss` or `grads` are non-finite; then params and optimizer
-    state stay as they were. The step counter advances either way (the batch was used)."""
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """Which updates a step refuses (params and optimizer state then stay as they were).
+
+    Always refused: a non-finite loss, non-finite gradients, or non-finite new params.
+    max_update_ratio: also refuse a finite update whose global norm exceeds this multiple
+      of the params' global norm (0 = no bound). A healthy step moves params by a tiny
+      fraction of their norm; an update as large as the params themselves is a blow-up
+      (e.g. a learning rate off by orders of magnitude), not learning.
+    """
+
+    max_update_ratio: float = 1.0
+
+    def __post_init__(self):
+        if not self.max_update_ratio >= 0:
+            raise ValueError(f"max_update_ratio must be >= 0, got {self.max_update_ratio!r}")
+
+
+DEFAULT_GUARD = Guard()
+
+
+def apply_gradients(state: TrainState, grads, loss, tx, guard: Guard = DEFAULT_GUARD):
+    """(new state, update metrics): the optimizer update unless the guard refuses it. The
+    step counter advances either way (the batch was used)."""
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {"grad_norm": grad_norm, "nonfinite_steps": (~finite).astype(jnp.float32)}
+    update_norm = optax.global_norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    # Finite updates can still overflow the params (1e38 + 1e38 = inf in float32).
+    finite &= jnp.isfinite(optax.global_norm(new_params))
+    rejected = jnp.zeros((), bool)
+    if guard.max_update_ratio:
+        bound = guard.max_update_ratio * optax.global_norm(state.params)
+        rejected = finite & (update_norm > bound)
+    accept = finite & ~rejected
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+    metrics = {
+        "grad_norm": grad_norm,
+        "update_norm": update_norm,
+        "nonfinite_steps": (~finite).astype(jnp.float32),
+        "rejected_steps": rejected.astype(jnp.float32),
+    }
     lr = learning_rate_from_state(new_opt_state)
     if lr is not None:
         metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
@@ -323,22 +414,8 @@ def apply_gradients(state: TrainState, grads, loss, tx) -> tuple[TrainState, dic
 
 
 # ------------------------------------------------------------------------------------------
-# Public steps
+# The steps
 # ------------------------------------------------------------------------------------------
-
-
-def _objective(loss_name, beta, loss_hparams) -> Objective:
-    loss = losses.get(loss_name)
-    hparams = dict(loss_hparams or {})
-    if "beta" in hparams:
-        raise ValueError("loss_hparams: pass beta as its own argument, not inside loss_hparams")
-    unknown = sorted(set(hparams) - set(loss.hparams))
-    if unknown:  # early, before any tracing
-        raise ValueError(
-            f"loss '{loss.name}': unknown hyperparameter(s) {unknown}; it accepts "
-            f"{sorted(loss.hparams) or 'none'} besides beta"
-        )
-    return Objective(loss, float(beta), tuple(sorted(hparams.items())))
 
 
 def _check_accum(accum_steps) -> int:
@@ -347,109 +424,116 @@ def _check_accum(accum_steps) -> int:
     return accum_steps
 
 
-def dpo_step(
+def _dpo_step(
     state: TrainState,
     batch: Batch,
     reference=None,
     *,
     model,
-    tx: optax.GradientTransformation,
-    loss_name: str | losses.Loss = "sigmoid",
-    beta: float = 0.1,
-    loss_hparams: Mapping[str, Any] | None = None,
-    accum_steps: int = 1,
-    grad_reduce_axis: str | None = None,
-    memory_efficient: bool = False,
-    chunk_size: int = 256,
-    vocab_chunk_size: int | None = None,
+    tx,
+    objective,
+    scoring,
+    accum_steps,
+    axis_name,
+    guard,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step on a preference batch; pure. Prefer `make_dpo_step(...)`, which
-    binds the keyword arguments (all static) and validates them once.
+    check_preference_batch(batch)
+    grads, loss, sums = preference_grads(
+        state.params,
+        reference,
+        batch,
+        step_key(state),
+        scoring=Scoring(model, scoring),
+        objective=objective,
+        accum_steps=accum_steps,
+        axis_name=axis_name,
+    )
+    grads, loss = _psum((grads, loss), axis_name)
+    state, update_metrics = apply_gradients(state, grads, loss, tx, guard)
+    return state, {**_means(loss, sums, axis_name), **update_metrics}
 
-    state: `TrainState` of the policy.
-    batch: padded (`tokens, positions, segment_ids, loss_mask: [B, 2, L]`) or packed
-      (`... , slot_ids: [R, L]`) with `pair_mask: [B]` and optionally `ref_logps: [B, 2]`.
+
+def make_dpo_step(
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    objective: Objective | None = None,
+    scoring: ScoringOptions = DEFAULT_SCORING,
+    accum_steps: int = 1,
+    axis_name: str | None = None,
+    guard: Guard = DEFAULT_GUARD,
+):
+    """`step(state, batch, reference=None) -> (state, metrics)`: one optimizer step on a
+    preference batch; pure.
+
+    state: `TrainState` of the policy. batch: padded or packed (`dpo_jax.data.batching`),
+      optionally with cached `ref_logps: [B, 2]`.
     reference: frozen reference params, or None (cached `ref_logps`, or a reference-free
       loss). Never differentiated, never modified.
-    loss_name: a name from `losses.names()` or a `losses.Loss` (e.g. from `losses.build`).
-    beta, loss_hparams: the loss's `beta` and its other hyperparameters.
+    objective: the loss, beta and hyperparameters (default `Objective.create()`: DPO).
     accum_steps: micro-batches per step (must divide B, or R for packed batches).
-    grad_reduce_axis: the pmap axis name over which gradients and metrics are reduced.
-    memory_efficient / chunk_size / vocab_chunk_size: see `Scoring`.
-    Returns (new state, metrics: dict of float32 scalars, see the module docstring).
+    axis_name: the pmap axis over which gradients and metrics are reduced.
+    Metrics: float32 scalars, see the module docstring.
+    """
+    return functools.partial(
+        _dpo_step,
+        model=model,
+        tx=tx,
+        objective=objective or Objective.create(),
+        scoring=scoring,
+        accum_steps=_check_accum(accum_steps),
+        axis_name=axis_name,
+        guard=guard,
+    )
+
+
+def preference_loss(
+    params,
+    reference,
+    batch: Batch,
+    *,
+    model,
+    objective: Objective,
+    scoring: ScoringOptions = DEFAULT_SCORING,
+    axis_name=None,
+):
+    """(mean loss over the real pairs of the global batch, metrics): one forward, no update.
+
+    Differentiable in `params`; `reference` receives exactly zero gradient. Metric means are
+    over the batch's real pairs (`pairs` gives the weight for averaging over batches).
     """
     check_preference_batch(batch)
-    scoring = Scoring(model, memory_efficient, chunk_size, vocab_chunk_size)
-    objective = _objective(loss_name, beta, loss_hparams)
-    grads, loss, sums = preference_grads(
-        state.params, reference, batch, step_key(state), scoring=scoring,
-        objective=objective, accum_steps=_check_accum(accum_steps), axis=grad_reduce_axis,
-    )  # fmt: skip
-    grads, loss = _psum((grads, loss), grad_reduce_axis)
-    state, update_metrics = apply_gradients(state, grads, loss, tx)
-    return state, {**_means(loss, sums, grad_reduce_axis), **update_metrics}
-
-
-def make_dpo_step(**kwargs):
-    """`step(state, batch, reference=None) -> (state, metrics)` with `dpo_step`'s keyword
-    arguments bound (model, tx, loss_name, beta, ...). Loss name and hyperparameters are
-    checked now, not at the first call."""
-    _objective(kwargs.get("loss_name", "sigmoid"), kwargs.get("beta", 0.1),
-               kwargs.get("loss_hparams"))  # fmt: skip
-    _check_accum(kwargs.get("accum_steps", 1))
-    return functools.partial(dpo_step, **kwargs)
-
-
-def _loss_and_metrics(params, reference, batch: Batch, *, model, loss_name, beta, loss_hparams,
-                      axis, memory_efficient, chunk_size, vocab_chunk_size):  # fmt: skip
-    """(mean loss over the real pairs of the global batch, metrics); one forward, no update."""
-    check_preference_batch(batch)
-    scoring = Scoring(model, memory_efficient, chunk_size, vocab_chunk_size)
-    objective = _objective(loss_name, beta, loss_hparams)
     objective.check(batch, reference)
-    n = batch["pair_mask"].shape[0]
-    ref = objective.reference_stats(scoring, reference, batch, n)
-    policy = scoring.pair_stats(params, batch, n, per_token=objective.per_token,
-                                sum_sq=objective.sum_sq)  # fmt: skip
-    loss_sum, sums = objective.sums(policy, ref, batch)
-    loss = _psum(loss_sum, axis) / _normalizer(objective, batch, axis)
-    return loss, _means(loss, sums, axis)
+    scorer, n = Scoring(model, scoring), batch["pair_mask"].shape[0]
+    ref = objective.reference_stats(scorer, reference, batch, n)
+    loss_sum, sums = objective.sums(objective.policy_stats(scorer, params, batch, n), ref, batch)
+    loss = _psum(loss_sum, axis_name) / objective.normalizer(batch, axis_name)
+    return loss, _means(loss, sums, axis_name)
 
 
-def dpo_loss(
-    params, reference, batch: Batch, *, model, loss_name="sigmoid", beta=0.1,
-    loss_hparams=None, memory_efficient=False, chunk_size=256, vocab_chunk_size=None,
-):  # fmt: skip
-    """(mean loss over real pairs, metrics) as a differentiable function of `params` (and,
-    formally, of `reference`, which receives exactly zero gradient). No accumulation."""
-    return _loss_and_metrics(
-        params, reference, batch, model=model, loss_name=loss_name, beta=beta,
-        loss_hparams=loss_hparams, axis=None, memory_efficient=memory_efficient,
-        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-    )  # fmt: skip
+def make_eval_step(
+    *,
+    model,
+    objective: Objective | None = None,
+    scoring: ScoringOptions = DEFAULT_SCORING,
+    axis_name=None,
+):
+    """`evaluate(params, batch, reference=None) -> metrics`: the DPO step's metrics on a
+    held-out batch, without gradients or update metrics."""
+    objective = objective or Objective.create()
 
+    def evaluate(params, batch, reference=None):
+        return preference_loss(
+            params,
+            reference,
+            batch,
+            model=model,
+            objective=objective,
+            scoring=scoring,
+            axis_name=axis_name,
+        )[1]
 
-def eval_step(
-    params, batch: Batch, reference=None, *, model, loss_name="sigmoid", beta=0.1,
-    loss_hparams=None, reduce_axis=None, memory_efficient=False, chunk_size=256,
-    vocab_chunk_size=None,
-) -> dict:  # fmt: skip
-    """Held-out metrics of `params` on a preference batch (no gradients): the DPO step's
-    metrics without the update ones. Means are over the batch's real pairs (`pairs` gives
-    the weight for averaging over batches); `reduce_axis` as `grad_reduce_axis`."""
-    _, metrics = _loss_and_metrics(
-        params, reference, batch, model=model, loss_name=loss_name, beta=beta,
-        loss_hparams=loss_hparams, axis=reduce_axis, memory_efficient=memory_efficient,
-        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-    )  # fmt: skip
-    return metrics
-
-
-def make_eval_step(**kwargs):
-    """`eval(params, batch, reference=None) -> metrics` with `eval_step`'s keywords bound."""
-    _objective(kwargs.get("loss_name", "sigmoid"), kwargs.get("beta", 0.1),
-               kwargs.get("loss_hparams"))  # fmt: skip
-    return functools.partial(eval_step, **kwargs)
+    return evaluate
 
 
 # ------------------------------------------------------------------------------------------
@@ -457,59 +541,78 @@ def make_eval_step(**kwargs):
 # ------------------------------------------------------------------------------------------
 
 
-def sft_step(
+def sft_mask(batch: Batch) -> jax.Array:
+    """Scored tokens of an SFT batch: the loss mask of its real examples. [B, L] bool."""
+    mask = batch["loss_mask"] != 0
+    if "example_mask" in batch:
+        mask = mask & (batch["example_mask"][:, None] != 0)
+    return mask
+
+
+def _sft_step(
     state: TrainState,
     batch: Batch,
     reference=None,
     *,
     model,
-    tx: optax.GradientTransformation,
-    accum_steps: int = 1,
-    grad_reduce_axis: str | None = None,
-    memory_efficient: bool = False,
-    chunk_size: int = 256,
-    vocab_chunk_size: int | None = None,
+    tx,
+    scoring,
+    accum_steps,
+    axis_name,
+    guard,
 ) -> tuple[TrainState, dict]:
-    """One SFT step: NLL of the completion tokens, mean over the scored tokens of the
-    global batch (all micro-batches and devices); pure, same guard as `dpo_step`.
-
-    batch: `tokens, positions, segment_ids, loss_mask: [B, L]` (padded or packed rows),
-      optional `example_mask: [B]`. accum_steps must divide B.
-    reference: must be None (the argument exists so `parallel.jit_step` wraps both steps).
-    Metrics: `loss`, `tokens`, `grad_norm`, `nonfinite_steps`, `learning_rate`.
-    """
     if reference is not None:
-        raise ValueError("sft_step takes no reference model (pass reference=None)")
+        raise ValueError("the SFT step takes no reference model (pass reference=None)")
     check_sft_batch(batch)
-    accum_steps = _check_accum(accum_steps)
-    scoring = Scoring(model, memory_efficient, chunk_size, vocab_chunk_size)
-    key = step_key(state)
-    tokens = _psum((sft_mask(batch)).sum().astype(jnp.float32), grad_reduce_axis)
+    scorer, key = Scoring(model, scoring), step_key(state)
+    tokens = _psum(sft_mask(batch).sum().astype(jnp.float32), axis_name)
 
     def micro_loss(p, mb, k):
         rows = [mb[f] for f in ROW_FIELDS[:3]]
-        token_logps, _ = scoring.token_logps(p, *rows, rngs={"dropout": k})
+        token_logps, _ = scorer.token_logps(p, *rows, rngs={"dropout": k})
         nll = -jnp.where(sft_mask(mb), token_logps, 0.0).sum()
         return nll / jnp.maximum(tokens, 1.0)
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    value_and_grad = jax.value_and_grad(micro_loss)
     if accum_steps == 1:
-        loss, grads = grad_fn(state.params, batch, jax.random.fold_in(key, 0))
+        loss, grads = value_and_grad(state.params, batch, jax.random.fold_in(key, 0))
     else:
         micro, _ = split_micro_batches(batch, accum_steps, packed=False)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(accum_steps))
 
         def accumulate(carry, xs):
-            return jax.tree.map(jnp.add, carry, grad_fn(state.params, *xs)), None
+            return jax.tree.map(jnp.add, carry, value_and_grad(state.params, *xs)), None
 
         zero = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = lax.scan(accumulate, zero, (micro, keys))
-    loss, grads = _psum((loss, grads), grad_reduce_axis)
-    state, update_metrics = apply_gradients(state, grads, loss, tx)
+        (loss, grads), _ = lax.scan(accumulate, zero, (micro, _micro_keys(key, accum_steps)))
+    loss, grads = _psum((loss, grads), axis_name)
+    state, update_metrics = apply_gradients(state, grads, loss, tx, guard)
     return state, {"loss": loss, "tokens": tokens, **update_metrics}
 
 
-def make_sft_step(**kwargs):
-    """`step(state, batch, reference=None) -> (state, metrics)` with `sft_step`'s keywords."""
-    _check_accum(kwargs.get("accum_steps", 1))
-    return functools.partial(sft_step, **kwargs)
+def make_sft_step(
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    scoring: ScoringOptions = DEFAULT_SCORING,
+    accum_steps: int = 1,
+    axis_name: str | None = None,
+    guard: Guard = DEFAULT_GUARD,
+):
+    """`step(state, batch, reference=None) -> (state, metrics)`: one SFT step, the NLL of
+    the completion tokens averaged over the scored tokens of the global batch (all
+    micro-batches and devices); pure, same guard as the DPO step.
+
+    batch: an SFT batch (`dpo_jax.data.batching`); accum_steps must divide B.
+    reference: must be None (the argument exists so `parallel.jit_step` wraps both steps).
+    Metrics: `loss`, `tokens`, `grad_norm`, `update_norm`, `nonfinite_steps`,
+    `rejected_steps`, `learning_rate`.
+    """
+    return functools.partial(
+        _sft_step,
+        model=model,
+        tx=tx,
+        scoring=scoring,
+        accum_steps=_check_accum(accum_steps),
+        axis_name=axis_name,
+        guard=guard,
+    )

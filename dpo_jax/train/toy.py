@@ -27,6 +27,7 @@ from dpo_jax import losses
 from dpo_jax.data.batching import pad_pairs
 from dpo_jax.data.examples import TokenizedPair
 from dpo_jax.train import optimizers, state, steps
+from dpo_jax.train.scoring import pair_logps
 
 BOS = 1
 
@@ -72,7 +73,7 @@ def init_params(model, seed: int = 0, length: int = 16):
 
 def preference_accuracy(params, batch, *, model) -> jax.Array:
     """Fraction of real pairs whose chosen response the model itself finds more likely."""
-    logps = steps.reference_logps(params, batch, model=model)
+    logps = pair_logps(params, batch, model=model)
     real = batch["pair_mask"] != 0
     return jnp.where(real, logps[:, 0] > logps[:, 1], False).sum() / jnp.maximum(real.sum(), 1)
 
@@ -104,9 +105,9 @@ def train_on_pairs(
     tx = optimizers.make_optimizer({**opt, **(optimizer or {})})
     reference = params
     train_state = state.state_from_params(params, tx, jax.random.PRNGKey(seed))
-    loss = dict(loss_name=loss_name, beta=beta, loss_hparams=loss_hparams)
-    step = jax.jit(steps.make_dpo_step(model=model, tx=tx, **loss))
-    evaluate = jax.jit(steps.make_eval_step(model=model, **loss))
+    objective = steps.Objective.create(loss_name, beta, loss_hparams)
+    step = jax.jit(steps.make_dpo_step(model=model, tx=tx, objective=objective))
+    evaluate = jax.jit(steps.make_eval_step(model=model, objective=objective))
     accuracy = jax.jit(lambda p, b: preference_accuracy(p, b, model=model))
     eval_batch = pad_pairs(eval_pairs, max_length=max_length)
 

@@ -140,8 +140,9 @@ def jax_round_fn(args, model_dir, pairs):
     from dpo_jax.data.examples import TokenizedPair
     from dpo_jax.models import from_hf
     from dpo_jax.train.optimizers import make_optimizer
+    from dpo_jax.train.scoring import ScoringOptions
     from dpo_jax.train.state import state_from_params
-    from dpo_jax.train.steps import make_dpo_step
+    from dpo_jax.train.steps import Objective, make_dpo_step
 
     model, params = from_hf(model_dir, dtype="float32")
     tx = make_optimizer(
@@ -160,9 +161,11 @@ def jax_round_fn(args, model_dir, pairs):
     assert batch["tokens"].shape == (args.batch, 2, args.prompt_len + args.response_len)
     batch = jax.device_put(batch)
     step = make_dpo_step(
-        model=model, tx=tx, loss_name="sigmoid", beta=args.beta,
-        memory_efficient=args.memory_efficient,
-    )  # fmt: skip
+        model=model,
+        tx=tx,
+        objective=Objective.create("sigmoid", args.beta),
+        scoring=ScoringOptions(memory_efficient=args.memory_efficient),
+    )
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch, reference).compile()
     compile_s = time.perf_counter() - t0

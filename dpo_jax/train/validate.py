@@ -1,0 +1,270 @@
+"""`validate(config)`: every key of a run checked before any data is read or model built.
+
+Each problem is reported with its dotted config key and the value that was given, all of
+them at once (`ConfigError`), so that a misconfigured pod job fails in seconds, not after
+tokenizing a dataset. The checks reuse the validators of the pieces they configure
+(`make_optimizer`, `TokenizeConfig`, `Objective.create`, `parallel.make_mesh`, ...) rather
+than restating them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from dpo_jax import losses, parallel
+from dpo_jax.data.examples import check_on_bad_record
+from dpo_jax.data.formats import PREFERENCE_FORMATS
+from dpo_jax.data.tokenize import TokenizeConfig
+from dpo_jax.models import presets
+from dpo_jax.train.optimizers import make_optimizer
+from dpo_jax.train.scoring import ScoringOptions
+from dpo_jax.train.steps import Guard, Objective
+
+STAGES = ("sft", "dpo")
+REFERENCE_MODES = ("params", "cached", "none")
+INIT_FROM = ("sft", "model")
+LAYOUTS = ("padded", "packed")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """One or more invalid config keys; the message lists each with its dotted name."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def set_hparams(loss_config: ml_collections.ConfigDict) -> dict:
+    """The loss hyperparameters a config sets (None entries keep the loss's default)."""
+    return {k: v for k, v in loss_config.hparams.items() if v is not None}
+
+
+def objective_of(config: ml_collections.ConfigDict) -> Objective:
+    """The DPO stage's `Objective` (loss, beta, hyperparameters) from `config.dpo.loss`."""
+    loss = config.dpo.loss
+    return Objective.create(loss.name, loss.beta, set_hparams(loss))
+
+
+def batch_shards(config: ml_collections.ConfigDict) -> int:
+    """Ways each process's batch is split over its devices (data x fsdp mesh axes per
+    process under "jit", local devices under "pmap")."""
+    if config.parallel.mode == "pmap":
+        return jax.local_device_count()
+    mesh = parallel.make_mesh(tuple(config.parallel.mesh_shape))
+    return mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+
+
+class _Checker:
+    def __init__(self, config):
+        self.config, self.problems = config, []
+
+    def value(self, key: str):
+        node = self.config
+        for name in key.split("."):
+            node = node[name]
+        return node
+
+    def require(self, key: str, ok: Callable[[object], bool], want: str) -> bool:
+        value = self.value(key)
+        if not ok(value):
+            self.problems.append(f"config.{key}={value!r}: {want}")
+            return False
+        return True
+
+    def call(self, key: str, fn: Callable[[], object]) -> object:
+        """Runs a validating constructor; its ValueError becomes a problem of `key`."""
+        try:
+            return fn()
+        except (ValueError, KeyError, TypeError) as err:
+            self.problems.append(f"config.{key}: {err}")
+            return None
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_stage(c: _Checker, name: str) -> None:
+    stage = c.config[name]
+    c.require(f"{name}.steps", _positive_int, "a stage in config.stages needs steps >= 1")
+    c.require(f"{name}.batch_size", _positive_int, "must be an int >= 1")
+    if c.require(f"{name}.accum_steps", _positive_int, "must be an int >= 1"):
+        if _positive_int(stage.batch_size) and stage.batch_size % stage.accum_steps:
+            c.problems.append(
+                f"config.{name}.accum_steps={stage.accum_steps} must divide "
+                f"config.{name}.batch_size={stage.batch_size}"
+            )
+    c.call(
+        f"{name}.optimizer",
+        lambda: make_optimizer(
+            {**stage.optimizer.to_dict(), "total_steps": max(int(stage.steps), 0)}
+        ),
+    )
+    c.call(f"{name}.logps_*", lambda: _scoring_options(stage))
+    if _positive_int(stage.batch_size):
+        _check_batch_split(c, name, stage.batch_size)
+
+
+def _scoring_options(stage) -> ScoringOptions:
+    options = ScoringOptions.from_config(stage)
+    if options.chunk_size < 1 or (options.vocab_chunk_size or 1) < 1:
+        raise ValueError("logps_chunk_size must be >= 1 and logps_vocab_chunk_size >= 0")
+    return options
+
+
+def _check_batch_split(c: _Checker, name: str, batch_size: int) -> None:
+    processes = jax.process_count()
+    if batch_size % processes:
+        c.problems.append(
+            f"config.{name}.batch_size={batch_size} must divide by the {processes} processes"
+        )
+        return
+    shards = c.call("parallel.mesh_shape", lambda: batch_shards(c.config))
+    if shards and (batch_size // processes) % shards:
+        c.problems.append(
+            f"config.{name}.batch_size={batch_size}: each process's {batch_size // processes} "
+            f"examples must divide into its {shards} batch shards (config.parallel.mesh_shape "
+            f"or the pmap device count)"
+        )
+
+
+def _check_dpo(c: _Checker) -> None:
+    config = c.config
+    dpo = config.dpo
+    c.require("dpo.init_from", lambda v: v in INIT_FROM, f"expected one of {INIT_FROM}")
+    if dpo.init_from == "sft" and "sft" not in config.stages:
+        c.problems.append("config.dpo.init_from='sft' needs 'sft' in config.stages (or 'model')")
+    c.require("dpo.reference", lambda v: v in REFERENCE_MODES, f"one of {REFERENCE_MODES}")
+    c.require("dpo.loss.beta", lambda v: isinstance(v, int | float) and v > 0, "must be > 0")
+    loss = c.call("dpo.loss.name", lambda: losses.get(dpo.loss.name))
+    if loss is None:
+        return
+    for key, value in set_hparams(dpo.loss).items():
+        if key not in loss.hparams:
+            c.problems.append(
+                f"config.dpo.loss.hparams.{key}={value!r}: loss {loss.name!r} has no such "
+                f"hyperparameter (it accepts {sorted(loss.hparams) or 'none'} besides beta)"
+            )
+    objective = c.call("dpo.loss", lambda: objective_of(config))
+    if objective is None:
+        return
+    if dpo.reference == "none" and loss.requires_reference:
+        c.problems.append(
+            f"config.dpo.reference='none': loss {loss.name!r} needs a reference ('params' or "
+            "'cached')"
+        )
+    if dpo.reference == "cached" and objective.ref_per_token:
+        c.problems.append(
+            f"config.dpo.reference='cached': loss {loss.name!r} needs per-token reference "
+            "log-probs; cached per-pair sums are not enough (use 'params')"
+        )
+    if objective.per_token and config.data.layout == "packed":
+        c.problems.append(
+            f"config.data.layout='packed': loss {loss.name!r} needs per-token log-probs, "
+            "which only the padded layout gives"
+        )
+    if objective.sum_sq and dpo.memory_efficient_logps:
+        c.problems.append(
+            f"config.dpo.memory_efficient_logps=True: loss {loss.name!r} needs the full "
+            "next-token distribution (set it to False)"
+        )
+
+
+def _check_data(c: _Checker) -> None:
+    data = c.config.data
+    if not data.synthetic:
+        if not (data.train_files or data.tfds_name):
+            c.problems.append(
+                "config.data: no training data; set data.train_files, data.tfds_name or "
+                "data.synthetic=True"
+            )
+        if not (data.tokenizer or c.config.model.hf_path):
+            c.problems.append(
+                "config.data.tokenizer: set it (or config.model.hf_path) to a "
+                "local tokenizer directory"
+            )
+        elif data.tokenizer:
+            c.require("data.tokenizer", os.path.isdir, "no such directory")
+    formats = ("auto", *PREFERENCE_FORMATS)
+    c.require("data.format", lambda v: v in formats, f"expected one of {formats}")
+    c.call(
+        "data.tokenize_mode",
+        lambda: TokenizeConfig(
+            mode=data.tokenize_mode,
+            max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length,
+            truncation_mode=data.truncation_mode,
+        ),
+    )
+    c.require("data.layout", lambda v: v in LAYOUTS, f"expected one of {LAYOUTS}")
+    if data.layout == "packed" and c.config.parallel.mode == "pmap":
+        # Packed rows number their pairs for the whole batch; splitting them over pmap
+        # devices would orphan pairs. Packing shards cleanly under "jit".
+        c.problems.append("config.data.layout='packed' needs config.parallel.mode='jit'")
+    c.call("data.on_bad_record", lambda: check_on_bad_record(data.on_bad_record))
+    c.require("data.eval_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
+    c.require("data.pad_to_multiple_of", lambda v: v >= 0, "must be >= 0 (0 = off)")
+    c.require("data.num_epochs", lambda v: v >= 0, "must be >= 0 (0 = repeat forever)")
+
+
+def _check_model(c: _Checker) -> None:
+    model = c.config.model
+    c.require("model.dtype", lambda v: v in DTYPES, f"expected one of {DTYPES}")
+    if model.hf_path:
+        c.require(
+            "model.hf_path",
+            lambda v: os.path.isfile(os.path.join(v, "config.json")),
+            "not a local Hugging Face model directory (no config.json)",
+        )
+    elif model.preset != "tiny":
+        c.require(
+            "model.preset",
+            lambda v: v in presets.names(),
+            f"set model.hf_path, or a preset: 'tiny' or one of {presets.names()}",
+        )
+
+
+def _check_run(c: _Checker) -> None:
+    p = c.config.parallel
+    c.require("parallel.mode", lambda v: v in ("jit", "pmap"), "expected 'jit' or 'pmap'")
+    c.require(
+        "parallel.reference_rules",
+        lambda v: v in parallel.REFERENCE_RULES,
+        f"expected one of {sorted(parallel.REFERENCE_RULES)}",
+    )
+    for key in (
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "eval.every_steps",
+        "log.every_steps",
+        "guard.max_consecutive_skipped",
+    ):
+        c.require(key, _positive_int, "must be an int >= 1")
+    c.require("eval.max_batches", lambda v: v >= 0, "must be >= 0 (0 = all)")
+    c.call("guard.max_update_ratio", lambda: Guard(c.config.guard.max_update_ratio))
+    del p
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` listing every invalid key of `config` (a run config)."""
+    c = _Checker(config)
+    stages = tuple(config.stages)
+    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        c.problems.append(f"config.stages={stages!r}: a non-empty subset of {STAGES}, in order")
+    elif list(stages) != sorted(stages, key=STAGES.index):
+        c.problems.append(f"config.stages={stages!r}: SFT runs before DPO; write {STAGES}")
+    _check_run(c)
+    _check_model(c)
+    _check_data(c)
+    for name in stages:
+        if name in STAGES:
+            _check_stage(c, name)
+    if "dpo" in stages:
+        _check_dpo(c)
+    if c.problems:
+        raise ConfigError(c.problems)
