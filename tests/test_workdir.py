@@ -176,6 +176,41 @@ def test_model_and_tokenizer_identity_follow_their_content(tmp_path):
         run_identity(_changed(config, model__hf_path=str(tmp_path / "missing")))
 
 
+def test_tfds_identity_follows_the_manual_files_then_the_prepared_files(tmp_path):
+    from test_data_tfds import _hh_record, _write_jsonl_gz
+
+    from dpo_jax.data import tfds_builders
+
+    manual = tmp_path / "hh"
+
+    def write_split(split, n, extra=""):
+        records = [_hh_record("helpful-base", split, i) for i in range(n)]
+        records[-1]["chosen"] += extra
+        _write_jsonl_gz(manual / "helpful-base" / f"{split}.jsonl.gz", records)
+
+    write_split("train", 6)
+    write_split("test", 3)
+    config = _changed(load_config("dpo"), data__synthetic=False,
+                      data__tfds_name="hh_rlhf/helpful_base",
+                      data__tfds_data_dir=str(tmp_path / "tfds"),
+                      data__tfds_manual_dir=str(manual))  # fmt: skip
+    first = run_identity(config)
+    assert first["identity.data.tfds_version"] == "1.0.0"
+    write_split("test", 3, extra=" (edited)")
+    assert (
+        run_identity(config)["identity.data.tfds_manual_files"]
+        != (first["identity.data.tfds_manual_files"])
+    )
+    prepared_only = _changed(config, data__tfds_manual_dir="")
+    with pytest.raises(FileNotFoundError, match="tfds_manual_dir"):
+        run_identity(prepared_only)  # nothing prepared yet, nothing to prepare it from
+    tfds_builders.prepare("hh_rlhf/helpful_base", manual_dir=manual, data_dir=tmp_path / "tfds")
+    files = run_identity(prepared_only)["identity.data.tfds_files"]
+    assert sorted(files) == ["hh_rlhf-test.array_record-00000-of-00001",
+                             "hh_rlhf-train.array_record-00000-of-00001"]  # fmt: skip
+    assert all(len(digest) == 64 for digest in files.values())
+
+
 # ------------------------------------------------------------------------------------------
 # Checkpoints that do not belong to the run
 # ------------------------------------------------------------------------------------------
