@@ -88,7 +88,8 @@ def sampling_logits(
     if 0 < top_k < vocab:
         kth = jax.lax.top_k(x, top_k)[0][..., -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
-    if not isinstance(top_p, float) or top_p < 1.0:
+    # A static top_p of 1 skips the sort (and float32 cumsum rounding cutting the tail).
+    if not (isinstance(top_p, int | float) and top_p >= 1.0):
         ordered = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -374,6 +375,7 @@ def sample(
     rules = parallel.check_rules(rules, mesh) if mesh is not None else None
     generate = _compiled(model, static, mesh, rules, pmap)
     if pmap:
+        _check_replicated(model, params)
         batch = parallel.shard_batch_pmap((tokens, segment_ids, prompt_ids))
         out = generate(params, *batch, *scalars)
         out = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), out)
@@ -400,9 +402,31 @@ def _run_on_mesh(generate, model, params, batch, scalars, mesh, rules):
         return generate(params, *batch, *scalars)
 
 
+def _check_replicated(model: DecoderLM, params):
+    n = jax.local_device_count()
+    want = parallel.unbox(_abstract_params(model))
+    got = parallel.unbox(params)
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        raise ValueError("sample: params do not have the structure of the model's params")
+    leaves = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True)
+    for (path, x), w in leaves:
+        if np.shape(x) != (n, *w.shape):
+            raise ValueError(
+                f"sample(pmap=True): params must be replicated over the {n} local devices "
+                f"(parallel.replicate): {jax.tree_util.keystr(path)} has shape "
+                f"{np.shape(x)}, expected {(n, *w.shape)}"
+            )
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(model: DecoderLM):
+    """Boxed (logically named) abstract params of `model`; allocates nothing."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
 @functools.lru_cache(maxsize=16)
 def _param_shardings(model: DecoderLM, mesh: Mesh, rules):
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    boxed = _abstract_params(model)
     specs = parallel.param_logical_specs(boxed)
     return parallel.state_shardings(parallel.unbox(boxed), mesh, rules, param_specs=specs)

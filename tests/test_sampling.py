@@ -261,6 +261,8 @@ def test_pmap_equals_jit(llama, one_device):
         pmap=True, **SAMPLING,
     )  # fmt: skip
     assert_same(out, one_device)
+    with pytest.raises(ValueError, match="params must be replicated over the 8 local devices"):
+        sample(model, params, PROMPTS, rng=5, max_new_tokens=M, pmap=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ class KVCache(NamedTuple):
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache of `max_length` slots (S) for `batch` rows (B); dtype defaults to the
-    compute dtype. A decode call that writes past slot S-1 is an error."""
+    compute dtype. Size it for everything that will be decoded: the write index is traced,
+    so writing past slot S-1 cannot be caught (XLA clamps the slot, corrupting the cache)."""
     dtype = compute_dtype(config) if dtype is None else jnp.dtype(dtype)
     shape = (batch, max_length, config.num_kv_heads, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
