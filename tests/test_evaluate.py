@@ -46,8 +46,15 @@ def tiny_config(**fields):
 
 
 def _model():
-    cfg = models.ModelConfig.tiny(vocab_size=VOCAB, hidden_size=32, num_heads=2, head_dim=16,
-                                  mlp_dim=64, num_kv_heads=1, initializer_range=0.5)  # fmt: skip
+    cfg = models.ModelConfig.tiny(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_heads=2,
+        head_dim=16,
+        mlp_dim=64,
+        num_kv_heads=1,
+        initializer_range=0.5,
+    )
     return models.DecoderLM(cfg)
 
 
@@ -81,8 +88,11 @@ def _read_csv(path):
 
 def test_hf_policy_end_to_end(hf_dirs, tmp_path, capsys):
     policy, reference, prompts = hf_dirs
-    config = tiny_config(policy_hf_path=policy, reference_hf_path=reference,
-                         **{"prompts.files": (prompts,), "judge_template": "hh"})  # fmt: skip
+    config = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=reference,
+        **{"prompts.files": (prompts,), "judge_template": "hh"},
+    )
     rows = run_lib.run(config, os.fspath(tmp_path))
     assert [(r["checkpoint"], r["temperature"]) for r in rows] == [("hf", 0.0), ("hf", 1.0)]
     table = capsys.readouterr().out
@@ -132,10 +142,23 @@ def test_hf_policy_end_to_end(hf_dirs, tmp_path, capsys):
 
 def test_same_policy_and_reference_has_zero_kl(hf_dirs, tmp_path):
     policy, _, prompts = hf_dirs
-    config = tiny_config(policy_hf_path=policy, reference_hf_path=policy,
-                         **{"prompts.files": (prompts,), "reward.name": "none",
-                            "sampling.temperatures": (1.0,)})  # fmt: skip
+    # 10 prompts in batches of 4: the last batch is filled up with copies, then dropped.
+    config = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=policy,
+        **{
+            "prompts.files": (prompts,),
+            "reward.name": "none",
+            "sampling.temperatures": (1.0,),
+            "prompts.max_prompts": 10,
+        },
+    )
     (row,) = run_lib.run(config, os.fspath(tmp_path))
+    assert row["samples"] == 20
+    samples = [json.loads(line) for line in open(tmp_path / "eval" / "samples_hf.jsonl")]
+    records = [json.loads(line) for line in open(prompts)]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in records for _ in range(2)]
+    assert [s["prompt_index"] for s in samples] == [i // 2 for i in range(20)]
     # Cached decoding vs a full teacher-forced forward: equal up to float32 rounding.
     assert abs(row["kl_mean"]) < 1e-4 and row["kl_stderr"] < 1e-4
     assert row["implicit_reward_mean"] == pytest.approx(0.0, abs=1e-5)
@@ -145,11 +168,16 @@ def test_same_policy_and_reference_has_zero_kl(hf_dirs, tmp_path):
 def test_command_line(hf_dirs, tmp_path):
     policy, reference, prompts = hf_dirs
     cmd = [
-        sys.executable, "-m", "dpo_jax.evaluate", f"--config={CONFIG}:tiny",
-        f"--workdir={tmp_path}", f"--config.policy_hf_path={policy}",
-        f"--config.reference_hf_path={reference}", f"--config.prompts.files=('{prompts}',)",
+        sys.executable,
+        "-m",
+        "dpo_jax.evaluate",
+        f"--config={CONFIG}:tiny",
+        f"--workdir={tmp_path}",
+        f"--config.policy_hf_path={policy}",
+        f"--config.reference_hf_path={reference}",
+        f"--config.prompts.files=('{prompts}',)",
         "--config.sampling.temperatures=(0.5,)",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device is enough; 8 fake ones slow the start
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -244,9 +272,17 @@ def test_classifier_reward_and_win_rate_vs_chosen(hf_dirs, tmp_path):
     policy, reference, prompts = hf_dirs
     torch.manual_seed(0)
     classifier = transformers.GPT2ForSequenceClassification(
-        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=VOCAB,
-                                num_labels=2, id2label={0: "NEG", 1: "POS"}, pad_token_id=0)
-    )  # fmt: skip
+        transformers.GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            n_positions=64,
+            vocab_size=VOCAB,
+            num_labels=2,
+            id2label={0: "NEG", 1: "POS"},
+            pad_token_id=0,
+        )
+    )
     with torch.no_grad():
         classifier.score.weight.normal_(0, 1.0)
     path = os.fspath(tmp_path / "classifier")
@@ -255,9 +291,14 @@ def test_classifier_reward_and_win_rate_vs_chosen(hf_dirs, tmp_path):
     config = tiny_config(
         policy_hf_path=policy,
         reference_hf_path=reference,
-        **{"prompts.files": (prompts,), "reward.name": "classifier", "reward.path": path,
-           "reward.label": "POS", "sampling.temperatures": (1.0,)},
-    )  # fmt: skip
+        **{
+            "prompts.files": (prompts,),
+            "reward.name": "classifier",
+            "reward.path": path,
+            "reward.label": "POS",
+            "sampling.temperatures": (1.0,),
+        },
+    )
     (row,) = run_lib.run(config, os.fspath(tmp_path / "out"))
     samples = [json.loads(line) for line in open(tmp_path / "out" / "eval" / "samples_hf.jsonl")]
     scores = np.array([s["reward"] for s in samples])

@@ -6,6 +6,9 @@ kl        sequence-level KL(policy || reference) from policy samples, teacher-fo
           reference log-probs of sampled sequences
 judges    pairwise judges `judge(prompts, a, b) -> [N] in {1, 0.5, 0}`: by a reward, or by
           an external (LLM) judge through a JSONL round trip; win rates with Wilson intervals
+inputs    what `python -m dpo_jax.evaluate` evaluates: an HF directory or a training workdir's
+          export / checkpoints, its reference, tokenizer and held-out prompts
+run       the evaluation job: sample, score, KL, win rate vs chosen; eval/ tables
 """
 
 from dpo_jax.evaluation import judges, kl, rewards

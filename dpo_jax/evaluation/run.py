@@ -71,10 +71,16 @@ def _sample(setup: Setup, model, params, temperature, key):
     s, prompt_ids = setup.config.sampling, setup.prompts.ids
     completions, lengths, logps, model_logps = [], [], [], []
     for chunk, start in enumerate(range(0, len(prompt_ids), s.batch_size)):
+        batch = prompt_ids[start : start + s.batch_size]
+        used = len(batch) * s.num_samples
+        if len(prompt_ids) > s.batch_size:
+            # A short last chunk is filled up with copies of its first prompt (their rows
+            # are dropped below): one batch shape, one compiled sampler.
+            batch = batch + [batch[0]] * (s.batch_size - len(batch))
         out = sampling.sample(
             model,
             params,
-            prompt_ids[start : start + s.batch_size],
+            batch,
             rng=jax.random.fold_in(key, chunk),
             max_new_tokens=s.max_new_tokens,
             temperature=temperature,
@@ -84,10 +90,10 @@ def _sample(setup: Setup, model, params, temperature, key):
             num_samples=s.num_samples,
             pad_id=pad_id_of(setup.tokenizer),
         )
-        completions += [out.tokens[r, : out.lengths[r]].tolist() for r in range(len(out.lengths))]
-        lengths.append(out.lengths)
-        logps.append(out.logps.sum(-1))
-        model_logps.append(out.model_logps.sum(-1))
+        completions += [out.tokens[r, : out.lengths[r]].tolist() for r in range(used)]
+        lengths.append(out.lengths[:used])
+        logps.append(out.logps[:used].sum(-1))
+        model_logps.append(out.model_logps[:used].sum(-1))
     arrays = (np.concatenate(x).astype(np.float64) for x in (lengths, logps, model_logps))
     return completions, *arrays
 
