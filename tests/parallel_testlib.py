@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from dpo_jax import parallel
 from dpo_jax.models import DecoderLM, ModelConfig
 from dpo_jax.train.optimizers import make_optimizer
-from dpo_jax.train.state import create_train_state
+from dpo_jax.train.state import TrainState, raw_key
 from dpo_jax.train.steps import make_dpo_step
 
 NUM_PAIRS = 8  # B
@@ -22,6 +23,16 @@ LENGTH = 16  # L
 VOCAB = 256  # V
 # Cheaper XLA compilation on CPU; numerics are unaffected at float32 tolerances.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def create_train_state(model, tx, rng, example_tokens, *, unbox: bool = True) -> TrainState:
+    """A step-0 state from `model.init` (pure: runs under `jax.eval_shape` or a sharded jit).
+    unbox=False keeps the `nn.LogicallyPartitioned` boxes, for reading logical axis names."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, example_tokens)["params"]
+    if unbox:
+        params = nn.meta.unbox(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), raw_key(state_rng))
 
 
 def tiny_model() -> DecoderLM:

@@ -246,25 +246,12 @@ def test_loss_curve_of_dpo_is_the_logistic_loss_and_weight():
         toy.loss_curve("sigmoid", [1.0])
 
 
-def test_create_train_state_is_pure_and_keeps_or_strips_boxes(model):
-    from flax.core import meta
-
+def test_state_from_params_is_pure_and_checkpointable(policy):
     from dpo_jax.train import optimizers
 
     tx = optimizers.make_optimizer({"name": "adamw", "learning_rate": 1e-3})
-    tokens = jnp.zeros((2, L), jnp.int32)
-    is_box = lambda x: isinstance(x, meta.AxisMetadata)
-    boxed = jax.eval_shape(
-        lambda k: train_state.create_train_state(model, tx, k, tokens, unbox=False),
-        jax.random.key(0),
-    )
-    assert any(is_box(x) for x in jax.tree.leaves(boxed.params, is_leaf=is_box))
-    plain = jax.eval_shape(
-        lambda k: train_state.create_train_state(model, tx, k, tokens), jax.random.key(0)
-    )
-    assert not any(is_box(x) for x in jax.tree.leaves(plain, is_leaf=is_box))
-    assert plain.step.shape == () and plain.step.dtype == jnp.int32
-    assert plain.rng.shape == (2,) and plain.rng.dtype == jnp.uint32  # checkpointable
-    assert jax.tree.structure(plain.params) == jax.tree.structure(
-        jax.tree.map(lambda x: x.value, boxed.params, is_leaf=is_box)
-    )
+    for key in (jax.random.key(0), jax.random.PRNGKey(0)):  # typed or raw keys
+        state = jax.eval_shape(lambda p, k: train_state.state_from_params(p, tx, k), policy, key)
+        assert state.step.shape == () and state.step.dtype == jnp.int32
+        assert state.rng.shape == (2,) and state.rng.dtype == jnp.uint32  # checkpointable
+        assert jax.tree.structure(state.params) == jax.tree.structure(policy)

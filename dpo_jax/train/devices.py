@@ -66,15 +66,14 @@ class Devices:
         return parallel.state_shardings(abstract, self.mesh, rules, param_specs=self.param_specs)
 
     def initial_params(self, host_params, seed: int):
-        """Params on devices: `host_params` (e.g. from_hf), or a random init from `seed`."""
+        """Params on devices: `host_params` (e.g. from_hf), or a random init from `seed`
+        (created sharded under "jit": no full copy on one device)."""
         if host_params is None:
-            init = lambda rng: parallel.unbox(  # noqa: E731
-                self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-            )
             rng = jax.random.key(seed)
+            init = lambda rng: self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
             if self.mode == "pmap":
-                return jax.jit(init)(rng)
-            return jax.jit(init, out_shardings=self.param_shardings)(rng)
+                return jax.jit(lambda rng: parallel.unbox(init(rng)))(rng)
+            return parallel.init_sharded(init, rng, mesh=self.mesh, rules=self.rules)[0]
         if self.mode == "pmap":
             return jax.device_put(host_params)
         return parallel.put_sharded(host_params, self.param_shardings)
@@ -94,9 +93,10 @@ class Devices:
 
         if self.mode == "pmap":
             return parallel.replicate(jax.jit(init)(params, rng))
-        abstract = jax.eval_shape(init, params, rng)
-        self.state_shardings = self._shardings(abstract, self.rules)
-        return jax.jit(init, out_shardings=self.state_shardings)(params, rng)
+        state, self.state_shardings = parallel.init_sharded(
+            init, params, rng, mesh=self.mesh, rules=self.rules, param_specs=self.param_specs
+        )
+        return state
 
     def compile(self, step_fn, reference) -> Callable:
         """`step(state, local_batch_np) -> (state, host-ready metrics)`."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -32,48 +31,17 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-def _raw_key(rng: jax.Array) -> jax.Array:
+def raw_key(rng: jax.Array) -> jax.Array:
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
     return jnp.asarray(rng, jnp.uint32)
-
-
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-    example_tokens: jax.Array,
-    *,
-    unbox: bool = True,
-) -> TrainState:
-    """Initialises params (from `model.init`) and the optimizer state. Pure: can be run
-    under `jax.eval_shape` or `jax.jit(..., out_shardings=...)`.
-
-    model: a linen module called as `model.init(rng, tokens)` (e.g. `DecoderLM`).
-    rng: a PRNG key (raw uint32 [2] or typed); one half initialises the params, the other
-      becomes the state's base key.
-    example_tokens: [B, L] int32, shapes only matter.
-    unbox: strip the `nn.LogicallyPartitioned` boxes of the params (and of the optimizer
-      moments). Keep them (`unbox=False`) for `jax.eval_shape` to read logical axis names,
-      e.g. for `dpo_jax.parallel.state_shardings`.
-    """
-    init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, example_tokens)["params"]
-    if unbox:
-        params = nn.meta.unbox(params)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=_raw_key(state_rng),
-    )
 
 
 def state_from_params(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state around existing params (e.g. imported from Hugging Face, or the end of
     the SFT stage): step 0, new optimizer state, base key `rng`."""
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=_raw_key(rng)
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=raw_key(rng)
     )
 
 
