@@ -169,6 +169,8 @@ def test_model_and_tokenizer_identity_follow_their_content(tmp_path):
     second = run_identity(config)
     assert first["identity.model"] != second["identity.model"]
     assert first["identity.tokenizer"] == second["identity.tokenizer"]
+    (data / "tokenizer" / "README.md").write_text("notes that do not change tokenization")
+    assert run_identity(config)["identity.tokenizer"] == second["identity.tokenizer"]
     vocab = data / "tokenizer" / "tokenizer.json"
     vocab.write_text(vocab.read_text().replace('"a"', '"z"', 1))
     assert run_identity(config)["identity.tokenizer"] != second["identity.tokenizer"]

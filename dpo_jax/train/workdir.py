@@ -20,7 +20,7 @@ the same workdir recomputes the identity and compares (`claim`):
 The identity covers: every config key except the operational ones; the model directory
 (`model.hf_path`: config.json, the safetensors index, and each weight file's name, size,
 header and 16 sampled 64 KiB blocks of its data, not the whole multi-GB content); the
-tokenizer directory (every file under 64 MiB that is not a weight file); the data
+tokenizer directory (its tokenizer, vocabulary, merges and chat-template files); the data
 (content sha256 of each train/eval/sft file after glob expansion, or of every file of a
 saved HF dataset directory; for `data.tfds_name`: the builder version and the content of
 the manual files it is prepared from, else of the prepared array_record files of the used
@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -82,6 +83,10 @@ OPERATIONAL_KEYS = (
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".ckpt")
 _TOKENIZER_FILE_LIMIT = 64 << 20
+# tokenizer.json, tokenizer_config.json, vocab.*, merges.txt, spiece.model, chat templates...
+_TOKENIZER_FILES = re.compile(
+    r"token|vocab|merges|spiece|sentencepiece|chat_template|\.model$|\.tiktoken$"
+)
 _TFDS_CONTENT_LIMIT = 2 << 30
 _SAMPLED_BLOCKS, _BLOCK = 16, 64 << 10
 _CHUNK = 8 << 20
@@ -186,10 +191,13 @@ def _weight_file_digest(path: str) -> bytes:
 
 
 def _tokenizer_hash(directory: str) -> str:
+    """The tokenizer's own files only: a model directory's README or weights may change
+    without changing the tokenization."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if (os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES)
+        if (os.path.isfile(path) and _TOKENIZER_FILES.search(name)
+                and not name.endswith(_WEIGHT_SUFFIXES)
                 and os.path.getsize(path) <= _TOKENIZER_FILE_LIMIT):  # fmt: skip
             h.update(f"{name}\0{_sha256_file(path)}\0".encode())
     return h.hexdigest()
@@ -207,7 +215,7 @@ def _data_identity(config) -> dict[str, Any]:
         if not files:
             continue
         try:
-            paths = sources.expand_paths(list(files))
+            paths = sources.expand_paths(files if isinstance(files, str) else list(files))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"config.data.{key}: {err}") from None
         identity[f"identity.data.{key}"] = [_sha256_path(p) for p in paths]
