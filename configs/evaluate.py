@@ -40,7 +40,9 @@ def get_config(arg=None):
 
     # --- Sampling ----------------------------------------------------------------------------
     c.sampling = ml_collections.ConfigDict()
-    c.sampling.temperatures = (1.0,)  # one metrics row per temperature (0 = greedy)
+    # One metrics row per temperature. 0 = greedy: its KL is that of a point mass,
+    # -log pi_ref(y), and its samples of one prompt are all the same.
+    c.sampling.temperatures = (1.0,)
     c.sampling.max_new_tokens = 64  # completion budget; stops earlier at EOS
     c.sampling.top_k = 0  # keep the k most probable tokens (0 = off)
     c.sampling.top_p = 1.0  # nucleus mass (1 = off); KL is then to the truncated distribution
@@ -57,7 +59,7 @@ def get_config(arg=None):
     c.reward.score = "log_odds"  # classifier: log_odds | log_prob | prob | logit
     c.reward.batch_size = 16  # classifier: texts per forward
     c.reward.device = "cpu"  # classifier: torch device
-    c.implicit_beta = -1.0  # beta of the implicit reward column; -1 = the run's dpo.loss.beta
+    c.implicit_beta = -1.0  # implicit reward's beta; -1 = the run's dpo.loss.beta (HF: 0.1)
     c.judge_template = ""  # tldr | hh: also write judge_<ckpt>_T<t>.jsonl for an LLM judge
 
     c.progress_bar = True  # tqdm bar over checkpoints x temperatures

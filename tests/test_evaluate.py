@@ -178,8 +178,10 @@ def test_command_line(hf_dirs, tmp_path):
         f"--config.prompts.files=('{prompts}',)",
         "--config.sampling.temperatures=(0.5,)",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one device is enough; 8 fake ones slow the start
+    # One device (not conftest's 8 fake ones), with conftest's faster-compile flags.
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if "device_count" not in f]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "win vs chosen" in out.stdout

@@ -101,6 +101,17 @@ def test_monte_carlo_kl_matches_exact_enumeration(policy_and_reference):
     assert abs(wrong_est.mean - exact) > 3 * est.stderr
 
 
+def test_padding_stays_inside_a_learned_position_table():
+    cfg = models.ModelConfig.tiny("gpt2", vocab_size=VOCAB, max_position_embeddings=6)
+    model = models.DecoderLM(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    # 5 tokens, rounded up to 8 > 6 positions: padded to 6 instead.
+    got = kl.completion_logps(model, params, [[1]], [[0, 2, 3, 1]], pad_to_multiple_of=4)
+    tokens = jnp.asarray([[1, 0, 2, 3, 1]])
+    want = logprobs.token_logps(model.apply({"params": params}, tokens), tokens)[:, 1:].sum()
+    np.testing.assert_allclose(got, [want], rtol=1e-5)
+
+
 def test_bad_inputs(policy_and_reference):
     (model, params), _ = policy_and_reference
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):

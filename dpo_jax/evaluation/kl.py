@@ -123,9 +123,12 @@ def completion_logps(
             which = "prompt" if len(p) == 0 else "completion"
             raise ValueError(f"completion_logps: sequence {i} has an empty {which}")
         seqs.append(TokenizedSequence(list(p), list(c)))
-    max_length = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+    longest = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+    max_length = longest
     if pad_to_multiple_of:
-        max_length = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of
+        rounded = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        # Never pad past a learned position table: sequences that fit must stay valid.
+        max_length = max(longest, min(rounded, model.config.max_position_embeddings))
     out = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
