@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.prompts = ml_collections.ConfigDict()
     c.prompts.files = ()  # preference or {prompt, completion} records; empty = run's held-out
     c.prompts.format = "auto"  # record format (see dpo_jax.data.formats)
-    c.prompts.max_prompts = 256  # the first N usable records
+    c.prompts.max_prompts = 256  # the first N records (0 = all)
     c.prompts.max_prompt_length = 256  # tokens kept of a long prompt, as in training
     c.prompts.truncation_mode = "keep_start"  # keep_start | keep_end (HH dialogues)
     c.prompts.tokenize_mode = "reference"  # reference (the paper's) | joint (TRL's)

@@ -263,6 +263,12 @@ def test_hf_policy_needs_reference_and_prompts(hf_dirs, tmp_path):
         run_lib.run(tiny_config(policy_hf_path=policy, **{"prompts.files": (prompts,)}), tmp_path)
     with pytest.raises(ValueError, match="set config.prompts.files"):
         run_lib.run(tiny_config(policy_hf_path=policy, reference_hf_path=policy), tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ab=", "chosen": "ba", "rejected": "bb"}\n{"prompt": "x="}\n')
+    config = tiny_config(policy_hf_path=policy, reference_hf_path=policy,
+                         **{"prompts.files": (os.fspath(bad),)})  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: cannot tell the format"):
+        run_lib.run(config, tmp_path)
 
 
 def test_classifier_reward_and_win_rate_vs_chosen(hf_dirs, tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 
 from dpo_jax import models, parallel
 from dpo_jax.data import sources
+from dpo_jax.data.examples import RecordError
 from dpo_jax.data.tokenize import TokenizeConfig, tokenize_sequence
 from dpo_jax.evaluation import rewards
 
@@ -211,7 +212,7 @@ class Prompts:
 
 
 def load_prompts(config, tokenizer, files: list[str]) -> Prompts:
-    """The first `prompts.max_prompts` usable records of `files`, tokenized as in training.
+    """The first `prompts.max_prompts` records of `files` (0: all), tokenized as in training.
 
     Preference records give their prompt and chosen response, {prompt, completion} records
     their prompt and completion (the comparison for `win_rate_vs_chosen`).
@@ -228,12 +229,15 @@ def load_prompts(config, tokenizer, files: list[str]) -> Prompts:
         records, kind="sft", record_format=p.format, tokenizer=tokenizer
     )
     ids, texts, chosen = [], [], []
-    for example, _ in examples:
-        tokenized = tokenize_sequence(example, tokenizer, tokenize_config)
+    for example, location in examples:
+        try:
+            tokenized = tokenize_sequence(example, tokenizer, tokenize_config)
+        except RecordError as err:
+            raise err.at(location) from None  # names the file and line
         ids.append(tokenized.prompt_ids)
         texts.append(tokenizer.decode(tokenized.prompt_ids, skip_special_tokens=True))
         chosen.append(example.completion)
-        if len(ids) == p.max_prompts:
+        if len(ids) == p.max_prompts:  # 0: never, i.e. every record
             break
     if not ids:
         raise ValueError(f"no usable prompts in {files}")
