@@ -190,7 +190,9 @@ def _generate(params, tokens, segment_ids, prompt_ids, rng, temperature, top_p, 
 
     def body(state):
         t, cache, carry = state
-        last = carry[0][0][:, t - 1]
+        # Stopped rows hold pad_id, which need not be a valid id (e.g. -1): feed token 0 to
+        # them instead, so that they compute finite junk rather than NaNs.
+        last = jnp.where(carry[1], 0, carry[0][0][:, t - 1])
         logits, cache = model.apply(
             {"params": params},
             last[:, None],

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dpo_jax import parallel
 from dpo_jax.models import DecoderLM, ModelConfig
@@ -244,6 +245,19 @@ def test_sharded_mesh_equals_one_device(llama, one_device):
         **SAMPLING,
     )  # fmt: skip
     assert_same(out3, Samples(*(x[:6] for x in one_device)))
+
+
+def test_tensor_parallel_with_fewer_kv_heads_than_shards():
+    """Gemma's single kv head on a tensor axis of 4: the cache's kv-head dim cannot be split
+    (it follows the unsplit k/v kernels) while the query heads are; same samples."""
+    model = DecoderLM(ModelConfig.tiny("gemma"))
+    params = random_params(model, scale=0.1)
+    kwargs = dict(rng=2, max_new_tokens=4, temperature=1.0, num_samples=2)
+    want = sample(model, params, PROMPTS[:2], **kwargs)
+    mesh = parallel.make_mesh((2, 1, 4))
+    placed = parallel.put_sharded(params, sampling_param_shardings(model, mesh))
+    assert placed["layers_0"]["attn"]["q_kernel"].sharding.spec == P("fsdp", "tensor", None)
+    assert_same(sample(model, placed, PROMPTS[:2], mesh=mesh, **kwargs), want)
 
 
 def sampling_param_shardings(model, mesh):
