@@ -289,7 +289,9 @@ def _pad_prompts(prompts, config, max_new_tokens, multiple):
         rows.append(row.astype(np.int32))
     # Lengths rounded up to a multiple of 8 (extra left padding is masked), so that prompt
     # sets of similar lengths share one compiled program.
-    length = -(-max(r.size for r in rows) // 8) * 8
+    # (capped at the context, which DecoderLM checks against the padded length).
+    longest = max(r.size for r in rows)
+    length = max(longest, min(-(-longest // 8) * 8, context))
     rows += [rows[0]] * (-len(rows) % multiple)
     tokens = np.zeros((len(rows), length), np.int32)
     segment_ids = np.zeros((len(rows), length), np.int32)
