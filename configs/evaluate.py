@@ -12,6 +12,12 @@ A Hugging Face directory, with its reference and prompts (outputs go to --workdi
         --config.policy_hf_path=/models/policy --config.reference_hf_path=/models/sft \
         --config.prompts.files=/data/imdb_test_prefixes.jsonl
 
+The paper's second comparison, against another system's samples of the same prompts (an
+earlier evaluation's samples file, e.g. of the SFT model, at the same temperatures):
+
+    python -m dpo_jax.evaluate --config=configs/evaluate.py --workdir=/tmp/dpo_quickstart \
+        --config.baseline_samples=/tmp/eval_sft/eval/samples_hf.jsonl
+
 `:tiny` is the seconds-long variant the tests run (8 prompts, 8 new tokens, every checkpoint).
 """
 
@@ -60,7 +66,8 @@ def get_config(arg=None):
     c.reward.batch_size = 16  # classifier: texts per forward
     c.reward.device = "cpu"  # classifier: torch device
     c.implicit_beta = -1.0  # implicit reward's beta; -1 = the run's dpo.loss.beta (HF: 0.1)
-    c.judge_template = ""  # tldr | hh: also write judge_<ckpt>_T<t>.jsonl for an LLM judge
+    c.baseline_samples = ""  # samples_<x>.jsonl of another system (same prompts): win rate
+    c.judge_template = ""  # tldr | hh: also write judge_*.jsonl requests for an LLM judge
 
     c.progress_bar = True  # tqdm bar over checkpoints x temperatures
 

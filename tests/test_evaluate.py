@@ -136,7 +136,7 @@ def test_hf_policy_end_to_end(hf_dirs, tmp_path, capsys):
     # VADER on the toy task's letter strings, vs the chosen strings: all ties.
     assert rows[1]["reward_mean"] == pytest.approx(np.mean([s["reward"] for s in sampled]))
     assert 0 <= rows[1]["win_rate_ci_low"] <= rows[1]["win_rate_vs_chosen"] <= 1
-    judge_file = tmp_path / "eval" / "judge_hf_T1.jsonl"
+    judge_file = tmp_path / "eval" / "judge_hf_T1_vs_chosen.jsonl"
     assert len(open(judge_file).readlines()) == 16
 
 
@@ -265,8 +265,9 @@ def test_hf_policy_needs_reference_and_prompts(hf_dirs, tmp_path):
         run_lib.run(tiny_config(policy_hf_path=policy, reference_hf_path=policy), tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ab=", "chosen": "ba", "rejected": "bb"}\n{"prompt": "x="}\n')
-    config = tiny_config(policy_hf_path=policy, reference_hf_path=policy,
-                         **{"prompts.files": (os.fspath(bad),)})  # fmt: skip
+    config = tiny_config(
+        policy_hf_path=policy, reference_hf_path=policy, **{"prompts.files": (os.fspath(bad),)}
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: cannot tell the format"):
         run_lib.run(config, tmp_path)
 
@@ -316,3 +317,81 @@ def test_classifier_reward_and_win_rate_vs_chosen(hf_dirs, tmp_path):
     chosen = reward([""] * 8, [r["chosen"] for r in records])
     wins = np.sign(scores - np.repeat(chosen, 2)) / 2 + 0.5
     assert row["win_rate_vs_chosen"] == pytest.approx(wins.mean())
+
+
+def test_win_rate_vs_baseline_samples(hf_dirs, tmp_path):
+    """The paper's second comparison: the policy's samples against another system's samples
+    (here the reference model's, from an earlier evaluation), row by row."""
+    import torch
+    import transformers
+
+    policy, reference, prompts = hf_dirs
+    torch.manual_seed(1)
+    classifier = transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_labels=1,
+            pad_token_id=0,
+        )
+    )
+    path = os.fspath(tmp_path / "reward_model")
+    classifier.save_pretrained(path)
+    synthetic.build_char_tokenizer(path)
+    fields = {"prompts.files": (prompts,), "reward.name": "classifier", "reward.path": path}
+    base = tiny_config(policy_hf_path=reference, reference_hf_path=reference, **fields)
+    run_lib.run(base, os.fspath(tmp_path / "base"))
+    base_file = os.fspath(tmp_path / "base" / "eval" / "samples_hf.jsonl")
+
+    config = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=reference,
+        baseline_samples=base_file,
+        judge_template="tldr",
+        **fields,
+    )
+    rows = run_lib.run(config, os.fspath(tmp_path / "policy"))
+    mine = [json.loads(x) for x in open(tmp_path / "policy" / "eval" / "samples_hf.jsonl")]
+    theirs = [json.loads(x) for x in open(base_file)]
+    for row in rows:
+        t = row["temperature"]
+        a = np.array([s["reward"] for s in mine if s["temperature"] == t])
+        b = np.array([s["reward"] for s in theirs if s["temperature"] == t])
+        assert a.size == b.size == 16 and not np.allclose(a, b)
+        assert row["win_rate_vs_baseline"] == pytest.approx(np.mean((a > b) + 0.5 * (a == b)))
+        assert row["win_rate_vs_baseline_ci_low"] < row["win_rate_vs_baseline"]
+    requests = tmp_path / "policy" / "eval" / "judge_hf_T1_vs_baseline.jsonl"
+    first = json.loads(open(requests).readline())
+    assert first["a"] == mine[16]["completion"] and first["b"] == theirs[16]["completion"]
+
+    # A system against its own samples (same seed, same prompts): every pair ties.
+    itself = tiny_config(
+        policy_hf_path=reference, reference_hf_path=reference, baseline_samples=base_file, **fields
+    )
+    for row in run_lib.run(itself, os.fspath(tmp_path / "itself")):
+        assert row["win_rate_vs_baseline"] == 0.5
+
+    # Other prompts than the baseline's: refused, naming the file.
+    other = synthetic.write_jsonl(
+        synthetic.make_preference_records(8, seed=9), tmp_path / "o.jsonl"
+    )
+    mismatch = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=reference,
+        baseline_samples=base_file,
+        **{**fields, "prompts.files": (other,)},
+    )
+    with pytest.raises(ValueError, match="samples_hf.jsonl:1: prompt 0 is .*not the same prompts"):
+        run_lib.run(mismatch, os.fspath(tmp_path / "mismatch"))
+    more = tiny_config(
+        policy_hf_path=policy,
+        reference_hf_path=reference,
+        baseline_samples=base_file,
+        **{**fields, "sampling.num_samples": 3},
+    )
+    with pytest.raises(ValueError, match=r"no baseline sample .* = \(0, 2\) at temperature 0"):
+        run_lib.run(more, os.fspath(tmp_path / "more"))

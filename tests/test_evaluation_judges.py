@@ -27,6 +27,12 @@ def test_reward_judge_outcomes():
     np.testing.assert_array_equal(margin(["p"] * 2, ["abcd", "abcdef"], ["ab", "abc"]), [0.5, 1])
 
 
+def test_identical_completions_tie_whatever_the_reward():
+    noisy = iter([np.array([1.0, 2.0, 0.0, 3.0])])  # scores a, a | b, b with rounding noise
+    judge = judges.RewardJudge(lambda p, c: next(noisy))
+    np.testing.assert_array_equal(judge(["p", "q"], ["same", "x"], ["same", "y"]), [0.5, 0.0])
+
+
 def test_reward_judge_with_vader():
     judge = judges.RewardJudge(rewards.VaderSentiment())
     out = judge(

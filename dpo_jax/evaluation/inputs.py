@@ -244,6 +244,43 @@ def load_prompts(config, tokenizer, files: list[str]) -> Prompts:
     return Prompts(ids, texts, chosen)
 
 
+def load_baseline(path: str, prompts: Prompts, num_samples: int, temperatures) -> dict:
+    """Another system's completions of the same prompts, from a samples_<x>.jsonl file this
+    job wrote: {temperature: [R] completion texts in our row order (prompt-major)}.
+
+    Every evaluated temperature needs the rows (prompt_index < P, sample_index < n) with
+    the same prompt texts; anything else raises a ValueError naming the file.
+    """
+    wanted = {float(t) for t in temperatures}
+    found: dict[float, dict[tuple[int, int], str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            s = json.loads(line)
+            t = float(s["temperature"])
+            if t not in wanted:
+                continue
+            i, j = int(s["prompt_index"]), int(s["sample_index"])
+            if i < len(prompts.texts) and s["prompt"] != prompts.texts[i]:
+                raise ValueError(
+                    f"{path}:{line_no}: prompt {i} is {s['prompt'][:60]!r}, but this "
+                    f"evaluation's prompt {i} is {prompts.texts[i][:60]!r}: not the same prompts"
+                )
+            found.setdefault(t, {})[(i, j)] = s["completion"]
+    out = {}
+    for t in sorted(wanted):
+        rows = [(i, j) for i in range(len(prompts.texts)) for j in range(num_samples)]
+        missing = [r for r in rows if r not in found.get(t, {})]
+        if missing:
+            raise ValueError(
+                f"{path}: no baseline sample (prompt_index, sample_index) = {missing[0]} at "
+                f"temperature {t:g} ({len(missing)} of {len(rows)} rows missing)"
+            )
+        out[t] = [found[t][r] for r in rows]
+    return out
+
+
 def build_reward(config) -> rewards.Reward | None:
     """The configured reward (config.reward), or None for reward.name='none'."""
     r = config.reward

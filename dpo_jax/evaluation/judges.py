@@ -38,6 +38,7 @@ __all__ = [
     "TLDR_TEMPLATE",
     "RewardJudge",
     "compare_rewards",
+    "tie_identical",
     "parse_verdict",
     "read_judge_verdicts",
     "win_rate",
@@ -52,7 +53,8 @@ def _check_pairs(what: str, prompts, a, b) -> None:
 
 class RewardJudge:
     """Judges a pair by a reward: 1 if r(x, a) > r(x, b) + tie_margin, 0 if r(x, b) >
-    r(x, a) + tie_margin, else 0.5 (a tie). `tie_margin` >= 0 (0: only equal rewards tie)."""
+    r(x, a) + tie_margin, else 0.5 (a tie). `tie_margin` >= 0 (0: only equal rewards tie).
+    Identical completions always tie (`tie_identical`)."""
 
     def __init__(self, reward: Reward, *, tie_margin: float = 0.0):
         if tie_margin < 0:
@@ -66,7 +68,16 @@ class RewardJudge:
         r = np.asarray(self.reward(list(prompts) * 2, list(a) + list(b)), np.float64)
         if r.shape != (2 * n,):
             raise ValueError(f"RewardJudge: the reward returned shape {r.shape}, need ({2 * n},)")
-        return compare_rewards(r[:n], r[n:], tie_margin=self.tie_margin)
+        outcomes = compare_rewards(r[:n], r[n:], tie_margin=self.tie_margin)
+        return tie_identical(outcomes, a, b)
+
+
+def tie_identical(outcomes: np.ndarray, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    """`outcomes` with 0.5 wherever the two completions are the same text: a batched reward
+    model can score one text slightly differently in two batches (padding changes the
+    float rounding), which must not decide a comparison of identical outputs."""
+    same = np.array([x == y for x, y in zip(a, b, strict=True)], bool)
+    return np.where(same, 0.5, outcomes)
 
 
 def compare_rewards(rewards_a, rewards_b, *, tie_margin: float = 0.0) -> np.ndarray:

@@ -6,8 +6,13 @@ against the dataset's chosen response -> outputs.
 
 Outputs under <workdir>/eval/: samples_<checkpoint>.jsonl (every sample with its reward and
 log-probs), metrics.csv (one row per checkpoint x temperature, rewritten after each row),
-judge_<checkpoint>_T<temperature>.jsonl when an LLM-judge template is set, and the metrics
-table printed at the end.
+judge_<checkpoint>_T<temperature>_vs_{chosen,baseline}.jsonl when an LLM-judge template is
+set, and the metrics table printed at the end.
+
+Win rates (reward judge, Wilson 95% intervals) follow the DPO paper's two comparisons: each
+sample against its prompt's dataset response (chosen), and, with `baseline_samples`, against
+another system's sample of the same prompt (row by row, from a samples_<x>.jsonl of an
+earlier evaluation at the same temperatures).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ COLUMNS = (
     "win_rate_vs_chosen",
     "win_rate_ci_low",
     "win_rate_ci_high",
+    "win_rate_vs_baseline",
+    "win_rate_vs_baseline_ci_low",
+    "win_rate_vs_baseline_ci_high",
 )
 
 
@@ -63,6 +71,8 @@ class Setup:
     reward: rewards.Reward | None
     chosen_rewards: np.ndarray | None  # [P] reward of each prompt's dataset (chosen) response
     beta: float  # of the implicit reward
+    baseline: dict | None  # {temperature: [R] another system's completions}, or None
+    baseline_rewards: dict | None  # {temperature: [R] their rewards}
 
 
 def _sample(setup: Setup, model, params, temperature, key):
@@ -105,7 +115,8 @@ def _stderr(x: np.ndarray) -> float:
 def evaluate_one(setup: Setup, label: str, model, params, temperature: float, key):
     """Samples, scores and KL of one policy at one temperature.
 
-    Returns (metrics row, per-sample records, (prompts, completions, chosen) texts).
+    Returns (metrics row, per-sample records, {opponent: (prompts, completions, opponent's
+    completions)} with opponent "chosen" and, when configured, "baseline").
     """
     tokenizer, prompts = setup.tokenizer, setup.prompts
     completions, lengths, logps, model_logps = _sample(setup, model, params, temperature, key)
@@ -144,8 +155,15 @@ def evaluate_one(setup: Setup, label: str, model, params, temperature: float, ke
         scores = np.asarray(setup.reward(prompt_texts, texts), np.float64)
         row.update(reward_mean=float(scores.mean()), reward_stderr=_stderr(scores))
         outcomes = judges.compare_rewards(scores, setup.chosen_rewards[index])
+        outcomes = judges.tie_identical(outcomes, texts, chosen)
         rate, low, high = judges.win_rate(outcomes)
         row.update(win_rate_vs_chosen=rate, win_rate_ci_low=low, win_rate_ci_high=high)
+        if setup.baseline_rewards is not None:
+            outcomes = judges.compare_rewards(scores, setup.baseline_rewards[temperature])
+            outcomes = judges.tie_identical(outcomes, texts, setup.baseline[temperature])
+            rate, low, high = judges.win_rate(outcomes)
+            row.update(win_rate_vs_baseline=rate, win_rate_vs_baseline_ci_low=low,
+                       win_rate_vs_baseline_ci_high=high)  # fmt: skip
     samples = [
         {
             "checkpoint": label,
@@ -163,7 +181,10 @@ def evaluate_one(setup: Setup, label: str, model, params, temperature: float, ke
         }
         for i in range(len(completions))
     ]
-    return row, samples, (prompt_texts, texts, chosen)
+    pairs = {"chosen": (prompt_texts, texts, chosen)}
+    if setup.baseline is not None:
+        pairs["baseline"] = (prompt_texts, texts, setup.baseline[temperature])
+    return row, samples, pairs
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +254,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, list]
     beta = config.implicit_beta
     if beta < 0:
         beta = 0.1 if config.policy_hf_path else float(inputs.train_config(workdir).dpo.loss.beta)
-    return Setup(config, tokenizer, prompts, reference, reward, chosen_rewards, beta), policies
+    baseline = baseline_rewards = None
+    if config.baseline_samples:
+        n = config.sampling.num_samples
+        baseline = inputs.load_baseline(
+            config.baseline_samples, prompts, n, config.sampling.temperatures
+        )
+        if reward is not None:
+            row_prompts = [t for t in prompts.texts for _ in range(n)]
+            baseline_rewards = {t: np.asarray(reward(row_prompts, c)) for t, c in baseline.items()}
+    common = Setup(config, tokenizer, prompts, reference, reward, chosen_rewards, beta, baseline,
+                   baseline_rewards)  # fmt: skip
+    return common, policies
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -269,13 +301,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 # The same key per temperature for every checkpoint: checkpoints are compared
                 # on common random numbers, which lowers the variance of their differences.
                 key = jax.random.fold_in(base_key, t_index)
-                row, samples, texts = evaluate_one(
+                row, samples, pairs = evaluate_one(
                     common, policy.label, model, params, temperature, key
                 )
                 f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in samples)
-                if config.judge_template:
+                for opponent, texts in pairs.items() if config.judge_template else ():
+                    name = f"judge_{policy.label}_T{temperature:g}_vs_{opponent}.jsonl"
                     judges.write_judge_requests(
-                        os.path.join(out_dir, f"judge_{policy.label}_T{temperature:g}.jsonl"),
+                        os.path.join(out_dir, name),
                         *texts,
                         template=config.judge_template,
                         seed=config.seed,
