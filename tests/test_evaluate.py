@@ -355,6 +355,7 @@ def test_win_rate_vs_baseline_samples(hf_dirs, tmp_path):
         **fields,
     )
     rows = run_lib.run(config, os.fspath(tmp_path / "policy"))
+    assert "win vs baseline [95% CI]" in run_lib.format_table(rows)
     mine = [json.loads(x) for x in open(tmp_path / "policy" / "eval" / "samples_hf.jsonl")]
     theirs = [json.loads(x) for x in open(base_file)]
     for row in rows:

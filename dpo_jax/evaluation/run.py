@@ -202,33 +202,30 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The metrics as an aligned text table (mean +- stderr where there is one)."""
+    """The metrics as an aligned text table (mean +- stderr, rate [95% CI])."""
 
     def pm(row, name, digits):
         if row.get(f"{name}_mean") is None:
             return "-"
         return f"{row[f'{name}_mean']:.{digits}f} +- {row[f'{name}_stderr']:.{digits}f}"
 
-    header = ("checkpoint", "T", "n", "reward", "KL", "length", "win vs chosen [95% CI]")
+    def win(row, name, ci):
+        if row.get(name) is None:
+            return "-"
+        return f"{row[name]:.3f} [{row[ci + '_low']:.3f}, {row[ci + '_high']:.3f}]"
+
+    header = ["checkpoint", "T", "n", "reward", "KL", "length", "win vs chosen [95% CI]"]
+    with_baseline = any(r.get("win_rate_vs_baseline") is not None for r in rows)
+    if with_baseline:
+        header.append("win vs baseline [95% CI]")
     lines = []
     for r in rows:
-        win = "-"
-        if r.get("win_rate_vs_chosen") is not None:
-            win = (
-                f"{r['win_rate_vs_chosen']:.3f} [{r['win_rate_ci_low']:.3f}, "
-                f"{r['win_rate_ci_high']:.3f}]"
-            )
-        lines.append(
-            (
-                r["checkpoint"],
-                f"{r['temperature']:g}",
-                str(r["samples"]),
-                pm(r, "reward", 4),
-                pm(r, "kl", 3),
-                f"{r['length_mean']:.1f}",
-                win,
-            )
-        )
+        line = [r["checkpoint"], f"{r['temperature']:g}", str(r["samples"]), pm(r, "reward", 4),
+                pm(r, "kl", 3), f"{r['length_mean']:.1f}",
+                win(r, "win_rate_vs_chosen", "win_rate_ci")]  # fmt: skip
+        if with_baseline:
+            line.append(win(r, "win_rate_vs_baseline", "win_rate_vs_baseline_ci"))
+        lines.append(line)
     widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip()
