@@ -1,14 +1,7 @@
-"""Training: state, pure jitted steps, optimizers, the loop, checkpoints, metrics.
+"""Training: the jitted DPO/SFT steps and the loop around them.
 
-state        TrainState (step, params, opt_state, rng)
-steps        dpo_step / sft_step / eval_step (pure; jitted by parallel.jit_step)
-scoring      batch checks, the policy/reference forwards and per-pair log-probs
-optimizers   the paper's RMSprop + warmup, AdamW + cosine, SGD
-defaults     the base run config (every field commented)
-inputs       the run's data splits and iterators
-loop         the main job: stages, evaluation, checkpoints, export
-devices      placement and compilation for the jit (mesh) and pmap modes
-checkpoints  orbax checkpoints with fallback past unreadable steps
-metrics      JSON lines, TensorBoard, W&B, progress bar
-toy          a marker-token toy task and in-memory driver (tests, notebooks)
+`README.md` beside this file maps each part of a DPO update to its module: `validate`
+(config), `inputs` (data), `devices` (placement), `scoring` (log-probs), `steps` (the
+jitted step), `optimizers`, `state`, `reference_cache`, `loop`, `checkpoints`, `metrics`;
+`toy` is a marker-token task and in-memory driver for notebooks and tests.
 """

@@ -102,65 +102,71 @@ def tfds_records(data: ml_collections.ConfigDict, split: str, counter: BadRecord
         yield record, location
 
 
+def _locations(config: ml_collections.ConfigDict, workdir: str):
+    """(train files, held-out files, tokenizer directory) of the run (`validate` has checked
+    that data and a tokenizer are configured)."""
+    data = config.data
+    if data.synthetic:
+        return generate_synthetic(data, config.seed, os.path.join(workdir, "data"))
+    tokenizer_dir = data.tokenizer or config.model.hf_path
+    return tuple(data.train_files), tuple(data.eval_files), tokenizer_dir
+
+
+@dataclasses.dataclass
+class _Reader:
+    """Parses and tokenizes records with one bad-record counter and one set of stats."""
+
+    data: ml_collections.ConfigDict
+    tokenizer: object
+    tokenize_config: TokenizeConfig
+    counter: BadRecordCounter
+    stats: TokenizeStats = dataclasses.field(default_factory=TokenizeStats)
+
+    def examples(self, files, tfds_split, kind="preference"):
+        """Parsed (example, location) of files, or else of a TFDS split (None: neither)."""
+        parse = dict(
+            kind=kind,
+            record_format=self.data.format,
+            tokenizer=self.tokenizer,
+            counter=self.counter,
+            count_ok=False,
+        )
+        if files:
+            return list(sources.iter_examples(files, **parse))
+        if self.data.tfds_name and tfds_split:
+            records = tfds_records(self.data, tfds_split, self.counter)
+            return list(sources.parse_records(records, **parse))
+        return None
+
+    def tokenize(self, examples):
+        return [
+            t
+            for t, _ in tokenize_examples(
+                examples, self.tokenizer, self.tokenize_config, self.counter, self.stats
+            )
+        ]
+
+    def report(self) -> None:
+        if self.counter.counts:
+            self.counter.log_summary()
+        if self.stats.counts:
+            self.stats.log_summary(self.tokenize_config)
+
+
 def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     """Reads, parses and tokenizes the run's data as `config.data` says."""
     data = config.data
-    if data.synthetic:
-        train_files, eval_files, tokenizer_dir = generate_synthetic(
-            data, config.seed, os.path.join(workdir, "data")
-        )
-    else:
-        train_files, eval_files = tuple(data.train_files), tuple(data.eval_files)
-        tokenizer_dir = data.tokenizer or config.model.hf_path
-        if not (train_files or data.tfds_name):
-            raise ValueError(
-                "no training data: set config.data.train_files, config.data.tfds_name or "
-                "config.data.synthetic"
-            )
-        if not tokenizer_dir:
-            raise ValueError("set config.data.tokenizer (or config.model.hf_path) to a local dir")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    counter = BadRecordCounter(data.on_bad_record, name="data")
-
-    def examples_of(files, tfds_split, kind="preference"):
-        """Parsed (example, location) of files, or else of a TFDS split (None: neither)."""
-        if files:
-            found = sources.iter_examples(
-                files,
-                kind=kind,
-                record_format=data.format,
-                tokenizer=tokenizer,
-                counter=counter,
-                count_ok=False,
-            )
-        elif data.tfds_name and tfds_split:
-            found = sources.parse_records(
-                tfds_records(data, tfds_split, counter),
-                kind=kind,
-                record_format=data.format,
-                tokenizer=tokenizer,
-                counter=counter,
-                count_ok=False,
-            )
-        else:
-            return None
-        return list(found)
-
+    train_files, eval_files, tokenizer_dir = _locations(config, workdir)
     tokenize_config = TokenizeConfig(
         mode=data.tokenize_mode,
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
         truncation_mode=data.truncation_mode,
     )
-    stats = TokenizeStats()
-
-    def tokenize(examples):
-        return [
-            t for t, _ in tokenize_examples(examples, tokenizer, tokenize_config, counter, stats)
-        ]
-
-    examples = examples_of(train_files, data.tfds_train_split) or []
-    eval_examples = examples_of(eval_files, data.tfds_eval_split)
+    counter = BadRecordCounter(data.on_bad_record, name="data")
+    reader = _Reader(data, load_tokenizer(tokenizer_dir), tokenize_config, counter)
+    examples = reader.examples(train_files, data.tfds_train_split) or []
+    eval_examples = reader.examples(eval_files, data.tfds_eval_split)
     if eval_examples is None:
         # No held-out files: the last `eval_fraction` of the training records, never trained
         # on (by SFT either).
@@ -169,28 +175,25 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     sequences = []
     if "sft" in config.stages:
         if data.sft_files:
-            sft_examples = examples_of(tuple(data.sft_files), None, kind="sft")
+            sft_examples = reader.examples(tuple(data.sft_files), None, kind="sft")
         else:  # the paper's recipe: fine-tune on the preferred responses
             sft_examples = [
                 (SFTExample(e.prompt, e.chosen, e.templated), loc) for e, loc in examples
             ]
-        sequences = tokenize(sft_examples)
-    pairs, eval_pairs = tokenize(examples), tokenize(eval_examples)
-    if counter.counts:
-        counter.log_summary()
-    if stats.counts:
-        stats.log_summary(tokenize_config)
+        sequences = reader.tokenize(sft_examples)
+    pairs, eval_pairs = reader.tokenize(examples), reader.tokenize(eval_examples)
+    reader.report()
     if not pairs or not eval_pairs:
         raise ValueError(f"no usable pairs: {len(pairs)} train, {len(eval_pairs)} held out")
     log.info("Data: %d train pairs, %d held-out pairs.", len(pairs), len(eval_pairs))
     return Splits(
-        tokenizer,
+        reader.tokenizer,
         tokenize_config,
         pairs,
         eval_pairs,
         sequences,
         bad_records=counter.summary(),
-        tokenize_events=stats.summary(),
+        tokenize_events=reader.stats.summary(),
     )
 
 
