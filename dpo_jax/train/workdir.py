@@ -290,12 +290,11 @@ def claim(workdir: str, config, *, allow_config_change: bool = False) -> None:
     Call it before anything is written to the workdir or any data is generated.
     """
     workdir = os.path.abspath(workdir)
-    identity = run_identity(config)
-    flat = flat_config(config)
-    error, record = None, None
+    identity, error, record = {}, None, None
     try:
-        record = _updated_record(workdir, identity, flat, allow_config_change)
-    except WorkdirError as err:
+        identity = run_identity(config)
+        record = _updated_record(workdir, identity, flat_config(config), allow_config_change)
+    except Exception as err:  # noqa: BLE001 - raised below, after the other processes know
         error = err
     if jax.process_count() > 1:
         error = _agree(identity, error)
@@ -450,7 +449,7 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _agree(identity: dict, error: WorkdirError | None) -> WorkdirError | None:
+def _agree(identity: dict, error: Exception | None) -> Exception | None:
     """Multi-host: every process refuses if any does, or if the processes see different
     inputs (a process that went on alone would wait for the others forever)."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
@@ -461,7 +460,7 @@ def _agree(identity: dict, error: WorkdirError | None) -> WorkdirError | None:
         return error
     if everyone[:, 2].any():
         bad = int(np.flatnonzero(everyone[:, 2])[0])
-        return WorkdirError(f"process {bad} refused the workdir (see its log for why)")
+        return WorkdirError(f"process {bad} could not claim the workdir (its log says why)")
     differs = np.flatnonzero((everyone[:, :2] != everyone[0, :2]).any(axis=1))
     if differs.size:
         return WorkdirError(
