@@ -71,7 +71,8 @@ def test_resume_reuses_the_cached_file_and_continues_exactly(params_run, tmp_pat
         raise AssertionError("the cached reference log-probs were recomputed on resume")
 
     monkeypatch.setattr(reference_cache, "scoring_batches", no_recompute)
-    loop.run(_config("cached", steps=4, mode="pmap"), workdir)  # resumes at step 2 of 4
+    # Resumes at step 2 of 4 (more steps is another run: allowed explicitly).
+    loop.run(_config("cached", steps=4, mode="pmap"), workdir, allow_config_change=True)
     got = dict(_losses(read_metrics(workdir)))
     want = dict(_losses(read_metrics(params_run)))
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]

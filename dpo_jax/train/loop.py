@@ -30,13 +30,14 @@ from dpo_jax import losses, models, parallel
 from dpo_jax.data import batching
 from dpo_jax.train import devices as devices_lib
 from dpo_jax.train import inputs, reference_cache, steps
+from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
 from dpo_jax.train.optimizers import make_optimizer
-from dpo_jax.train.reference_cache import params_fingerprint
 from dpo_jax.train.scoring import ScoringOptions, pair_logps
 from dpo_jax.train.validate import STAGES, objective_of, validate
+from dpo_jax.train.workdir import params_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -410,14 +411,6 @@ def _data_record(splits) -> dict[str, float]:
     return record
 
 
-def _claim(workdir: str, config, allow_config_change: bool) -> None:
-    """Writes the resolved config to `<workdir>/config.json` (process 0)."""
-    del allow_config_change
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _stage_inputs(name, config, devices, params, initial_params):
     """(starting params, frozen reference or None) of stage `name`."""
     if name != "dpo":
@@ -442,7 +435,8 @@ def run(
     )
     validate(config)
     os.makedirs(workdir, exist_ok=True)
-    _claim(workdir, config, allow_config_change)
+    # The workdir holds one run: a rerun with other settings is refused (workdir.py).
+    workdir_lib.claim(workdir, config, allow_config_change=allow_config_change)
     writer = MetricWriter(workdir, wandb_project=config.log.wandb_project, config=config.to_dict())
 
     # --- data ---

@@ -14,11 +14,11 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.data import batching
 from dpo_jax.data.tokenize import pad_id_of
+from dpo_jax.train.workdir import pairs_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -110,41 +110,9 @@ def load_ref_logps(path: str, num_pairs: int, key: str) -> np.ndarray | None:
 
 
 def cache_key(params_fingerprint: str, pairs, scoring_options, max_length: int) -> str:
-    """What cached sums depend on: the reference params (their content fingerprint), every
-    tokenized pair (ids and the response split), the scoring options and the padded length.
-    """
-    digest = hashlib.sha256()
-    digest.update(params_fingerprint.encode())
-    digest.update(repr((scoring_options, max_length)).encode())
-    for pair in pairs:
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-            digest.update(np.asarray(ids, np.int64).tobytes())
-            digest.update(b"|")
-    return digest.hexdigest()
-
-
-def params_fingerprint(params) -> str:
-    """A content checksum of a params pytree (sharded, replicated or multi-host alike).
-
-    Each leaf is reduced on its devices to (sum x, sum x * w) with fixed pseudo-random
-    weights w (a projection that a changed value moves, unlike the plain sum of a
-    reordering), in float32; the host hashes the tree paths, shapes, dtypes and these sums.
-    Cheap (two reductions per leaf, a few bytes to the host) for params of any size.
-    """
-
-    @jax.jit
-    def reduce(leaves):
-        out = []
-        for i, x in enumerate(leaves):
-            x = x.astype(jnp.float32).ravel()
-            w = jax.random.uniform(jax.random.key(i), x.shape, jnp.float32, -1.0, 1.0)
-            out.append(jnp.stack([x.sum(), (x * w).sum()]))
-        return out
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    sums = jax.device_get(reduce([x for _, x in flat]))
-    digest = hashlib.sha256()
-    for (path, x), s in zip(flat, sums, strict=True):
-        digest.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype}:".encode())
-        digest.update(np.asarray(s, np.float32).tobytes())
-    return digest.hexdigest()
+    """What cached sums depend on: the reference params (`workdir.params_fingerprint`),
+    every tokenized pair (ids and the response split), the scoring options and the padded
+    length."""
+    extra = {"scoring": repr(scoring_options), "max_length": max_length}
+    pairs_fp = pairs_fingerprint(pairs, extra)
+    return hashlib.sha256(f"{params_fingerprint}\0{pairs_fp}".encode()).hexdigest()
