@@ -56,5 +56,10 @@ setup(
     python_requires=">=3.11,<3.12",
     install_requires=RUNTIME,
     extras_require={"test": TEST, "eval": EVAL},
-    entry_points={"console_scripts": ["dpo-jax=dpo_jax.main:run"]},
+    entry_points={
+        "console_scripts": [
+            "dpo-jax=dpo_jax.main:run",
+            "dpo-jax-evaluate=dpo_jax.evaluate:run",
+        ]
+    },
 )

@@ -25,9 +25,13 @@ from safetensors.numpy import load_file
 from dpo_jax import main as main_lib
 from dpo_jax.train import loop
 from dpo_jax.train.checkpoints import StageCheckpointer
+from dpo_jax.train.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+# Training configs (configs/evaluate.py configures `dpo_jax.evaluate`: tests/test_evaluate.py).
+CONFIG_FILES = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("evaluate.py")
+)
 
 
 def load_config(name: str, arg: str | None = "tiny"):
@@ -57,6 +61,7 @@ def test_every_config_has_a_launch_command_and_a_tiny_mode(path):
     assert tiny.data.synthetic and tiny.model.preset == "tiny"
     assert tiny.dpo.steps <= 6 and tiny.sft.steps <= 6
     assert set(full.stages) <= set(loop.STAGES)
+    validate(tiny)
 
 
 def test_sweep_overrides_are_applied_and_checked():
