@@ -274,6 +274,8 @@ class Stage:
         m["padding_fraction"] = batching.padding_fraction(local)
         window.start, window.tokens = step, 0.0
         self.writer.write(self.name, step, m)
+        # A background save that failed stops the run now, not at the next save.
+        self.checkpointer.check()
         limit = self.config.guard.max_consecutive_skipped
         if consecutive >= limit:
             raise TrainingAborted(
