@@ -94,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.accum_steps = 1  # micro-batches per step (same result as one big batch)
     c.dpo.init_from = "sft"  # policy and reference start: sft (this run's SFT) | model
     # params (frozen copy) | cached (per-pair sums computed once at the stage start, train
-    # and held-out pairs, then the copy is freed) | none (reference-free losses)
+    # and held-out pairs, then the copy is freed) | none (reference-free losses). A loss that
+    # needs no reference (orpo, simpo, cpo, ...) always runs as none: one model in memory.
     c.dpo.reference = "params"
     scoring_config(c.dpo)
     c.dpo.loss = ml_collections.ConfigDict()

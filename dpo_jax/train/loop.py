@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import losses, models, parallel
+from dpo_jax import models, parallel
 from dpo_jax.data import batching
 from dpo_jax.train import devices as devices_lib
 from dpo_jax.train import inputs, reference_cache, steps
@@ -36,7 +36,7 @@ from dpo_jax.train.devices import Devices
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions, pair_logps
-from dpo_jax.train.validate import STAGES, objective_of, validate
+from dpo_jax.train.validate import STAGES, objective_of, reference_mode, validate
 from dpo_jax.train.workdir import params_fingerprint
 
 log = logging.getLogger(__name__)
@@ -185,9 +185,8 @@ class Stage:
         """(state, train iterator): restored from the latest checkpoint, or fresh."""
         rng = jax.random.fold_in(jax.random.key(self.config.seed), STAGES.index(self.name))
         ref_logps = None
-        if self.name == "dpo" and self.config.dpo.reference == "cached":
-            if losses.get(self.config.dpo.loss.name).requires_reference:
-                ref_logps, self.eval_ref_logps = self._cached_reference()
+        if self.name == "dpo" and reference_mode(self.config) == "cached":
+            ref_logps, self.eval_ref_logps = self._cached_reference()
         state = self.devices.new_state(self.init_params, tx, rng)
         # The state holds its own copy; dropping ours frees the starting params (which in
         # cached mode were the reference) once the caller has dropped its references too.
@@ -419,7 +418,15 @@ def _stage_inputs(name, config, devices, params, initial_params):
         return params, None
     if config.dpo.init_from == "model":
         params = initial_params
-    reference = devices.reference(params) if config.dpo.reference == "params" else None
+    mode = reference_mode(config)
+    if mode != config.dpo.reference:
+        log.info(
+            "dpo: loss %r needs no reference; config.dpo.reference=%r is ignored (one model "
+            "in memory, no cached sums).",
+            config.dpo.loss.name,
+            config.dpo.reference,
+        )
+    reference = devices.reference(params) if mode == "params" else None
     return params, reference
 
 

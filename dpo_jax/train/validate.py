@@ -50,6 +50,16 @@ def objective_of(config: ml_collections.ConfigDict) -> Objective:
     return Objective.create(loss.name, loss.beta, set_hparams(loss))
 
 
+def reference_mode(config: ml_collections.ConfigDict) -> str:
+    """What the DPO stage holds as its reference: `config.dpo.reference`, except "none" for a
+    loss that needs no reference (`requires_reference=False`: ORPO, SimPO, CPO, ...), whatever
+    `dpo.reference` says: a frozen copy or cached sums that no step reads would only cost
+    memory (a second model) or a scoring pass."""
+    if not losses.get(config.dpo.loss.name).requires_reference:
+        return "none"
+    return config.dpo.reference
+
+
 def batch_shards(config: ml_collections.ConfigDict) -> int:
     """Ways each process's batch is split over its devices (data x fsdp mesh axes per
     process under "jit", local devices under "pmap")."""
