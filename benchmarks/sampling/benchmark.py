@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from dpo_jax import parallel
-from dpo_jax.models import DecoderLM, ModelConfig, to_hf
+from dpo_jax.models import DecoderLM, ModelConfig, presets, to_hf
 from dpo_jax.models.presets import count_params
 from dpo_jax.sampling import sample
 
@@ -46,25 +46,14 @@ MODELS = {
         max_position_embeddings=2048,
     ),
     # 45.1M params: tied 50257 x 512 embedding + 6 layers of 3.1M (GPT-2 layout, width 512).
-    "gpt2": ModelConfig(
-        family="gpt2",
-        vocab_size=50257,
+    "gpt2": presets.get(
+        "gpt2",
         hidden_size=512,
         num_layers=6,
         num_heads=8,
         num_kv_heads=8,
         head_dim=64,
         mlp_dim=2048,
-        activation="gelu_tanh",
-        gated_mlp=False,
-        norm="layer",
-        norm_eps=1e-5,
-        position="learned",
-        max_position_embeddings=1024,
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=True,
     ),
 }
 
