@@ -11,6 +11,12 @@ Packed preference batch, capacity B pairs in R rows of length L:
   optional ref_logps: [B, 2] float32.
 SFT batch, B sequences: tokens, positions, segment_ids, loss_mask: [B, L];
   example_mask: [B].
+Unpaired (KTO) batch, B examples: the padded preference layout with side 0 = the example
+  (x_i, y_i) and side 1 = its KL sequence (x_i, y_{i-1}): the prompt with the completion of
+  the previous example of the batch (cyclically), the mismatched pairs KTO estimates its KL
+  baseline on (TRL's KTOTrainer rotates completions within a batch the same way);
+  tokens, positions, segment_ids, loss_mask: [B, 2, L]; pair_mask: [B] (real examples);
+  labels: [B] (1 = desirable, 0 = undesirable or padding).
 
 Alignment (shared with dpo_jax.logprobs): loss_mask[t] = 1 marks token t as scored, its
 log-prob being log p(tokens[t] | tokens[<t]). Only response tokens (incl. EOS) are scored,
@@ -28,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dpo_jax.data.examples import TokenizedPair, TokenizedSequence
+from dpo_jax.data.examples import TokenizedPair, TokenizedSequence, TokenizedUnpaired
 
 SIDES = ("chosen", "rejected")
 
@@ -204,6 +210,50 @@ def pad_pairs(
     if ref_logps is not None:
         batch["ref_logps"] = np.zeros((B, 2), np.float32)
         batch["ref_logps"][: len(seqs)] = _check_ref_logps(ref_logps, len(seqs))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Unpaired (KTO) batches
+# ----------------------------------------------------------------------------------------
+
+
+def kl_pairs(items: Sequence[TokenizedUnpaired], max_length: int) -> list[TokenizedPair]:
+    """Each example with its KL completion, as a `TokenizedPair` (chosen = the example's
+    completion, rejected = the previous item's, cyclically: TRL's
+    `[completions[-1]] + completions[:-1]`). A KL sequence longer than `max_length` keeps
+    its start, as TRL truncates it; the example's own prompt + completion always fit, so at
+    least one KL completion token is left."""
+    pairs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, TokenizedUnpaired):
+            raise TypeError(f"example {i}: expected TokenizedUnpaired, got {type(item).__name__}")
+        kl_completion = list(items[i - 1].completion_ids)[: max_length - len(item.prompt_ids)]
+        pairs.append(TokenizedPair(list(item.prompt_ids), list(item.completion_ids), kl_completion))
+    return pairs
+
+
+def pad_unpaired(
+    items: Sequence[TokenizedUnpaired],
+    *,
+    max_length: int,
+    pad_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    buckets: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The padded unpaired batch (layout: module docstring) of `items`: `pad_pairs` of the
+    examples with their KL sequences (`kl_pairs`), and their `labels`."""
+    batch = pad_pairs(
+        kl_pairs(items, max_length),
+        max_length=max_length,
+        pad_id=pad_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+        buckets=buckets,
+        batch_size=batch_size,
+    )
+    batch["labels"] = np.zeros(batch["pair_mask"].shape, np.int32)
+    batch["labels"][: len(items)] = [bool(item.label) for item in items]
     return batch
 
 
@@ -419,6 +469,19 @@ def check_preference_batch(batch) -> None:
         raise ValueError(
             f"preference batch: field 'ref_logps' has shape {tuple(batch['ref_logps'].shape)}, "
             f"expected [B, 2] = {(num_pairs[0], 2)}"
+        )
+
+
+def check_unpaired_batch(batch) -> None:
+    """Raises a ValueError naming the field when an unpaired (KTO) batch is malformed."""
+    if is_packed(batch):
+        raise ValueError("unpaired batch: packed layout is not supported; use the padded one")
+    check_preference_batch(batch)
+    _check_fields(batch, ("labels",), "unpaired batch")
+    if tuple(batch["labels"].shape) != tuple(batch["pair_mask"].shape):
+        raise ValueError(
+            f"unpaired batch: field 'labels' has shape {tuple(batch['labels'].shape)}, "
+            f"expected [B] = {tuple(batch['pair_mask'].shape)}"
         )
 
 

@@ -86,6 +86,19 @@ class TokenizedSequence:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizedUnpaired:
+    """Token ids of one unpaired (KTO) example: prompt + completion, and its label.
+
+    `completion_ids` include the final EOS; only the completion is scored. `label`: True =
+    desirable, False = undesirable.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Location:
     """Where a raw record came from: a file and a 1-based line (text files) or 0-based row.
 

@@ -378,6 +378,48 @@ def parse_unpaired(
         raise e.at(location) from None
 
 
+def unpair_preference(example: PreferenceExample) -> tuple[UnpairedExample, UnpairedExample]:
+    """A pair as two KTO examples, (prompt, chosen, desirable) and (prompt, rejected,
+    undesirable): TRL's `unpair_preference_dataset`, which `KTOTrainer` applies to paired
+    data."""
+    return (
+        UnpairedExample(example.prompt, example.chosen, True, example.templated),
+        UnpairedExample(example.prompt, example.rejected, False, example.templated),
+    )
+
+
+def parse_unpaired_examples(
+    record: dict,
+    *,
+    format: str = "auto",
+    tokenizer=None,
+    template_kwargs: dict | None = None,
+    location: Location | None = None,
+) -> tuple[UnpairedExample, ...]:
+    """The KTO examples of one record: an unpaired record gives one, a preference pair two
+    (`unpair_preference`).
+
+    format: "auto" (a record with chosen and rejected is a pair, any other must be unpaired,
+    so a prompt/completion record without its label is a missing-label error), "unpaired",
+    or a preference format.
+    """
+    _check_format(format, ("auto", *FORMATS))
+    paired = format in PREFERENCE_FORMATS or (
+        format == "auto" and isinstance(record, dict) and {"chosen", "rejected"} <= set(record)
+    )
+    if paired:
+        fmt = "auto" if format == "auto" else format
+        example = parse_preference(
+            record, format=fmt, tokenizer=tokenizer, template_kwargs=template_kwargs,
+            location=location,
+        )  # fmt: skip
+        return unpair_preference(example)
+    if format not in ("auto", "unpaired"):
+        raise ValueError(f"format {format!r} has no unpaired reading; use 'auto' or 'unpaired'")
+    kw = dict(tokenizer=tokenizer, template_kwargs=template_kwargs, location=location)
+    return (parse_unpaired(record, **kw),)
+
+
 def parse_sft(
     record: dict,
     *,

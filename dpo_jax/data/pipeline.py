@@ -46,7 +46,7 @@ import numpy as np
 
 from dpo_jax.data import batching
 from dpo_jax.data.batch_iterator import EMPTY, BatchIterator, EmptySlot
-from dpo_jax.data.examples import TokenizedPair, TokenizedSequence
+from dpo_jax.data.examples import TokenizedPair, TokenizedSequence, TokenizedUnpaired
 
 Layout = Literal["padded", "packed"]
 LAYOUTS = ("padded", "packed")
@@ -226,6 +226,21 @@ def make_sft_iterator(sequences: Sequence[TokenizedSequence], spec: IteratorSpec
         return batching.pad_sequences(items, **_pad_kwargs(state_spec))
 
     return _make_iterator(sequences, state_spec, batch_fn, None)
+
+
+def make_unpaired_iterator(items: Sequence[TokenizedUnpaired], spec: IteratorSpec) -> BatchIterator:
+    """Padded unpaired (KTO) batches, each example with its KL sequence built from the
+    other examples of its batch (`batching.pad_unpaired`); stream, sharding and state as
+    `make_preference_iterator`."""
+    if spec.layout != "padded":
+        raise ValueError(f"unpaired batches are padded; got layout={spec.layout!r}")
+    state_spec = spec.state_spec("unpaired", len(items))
+    _check_items(items, TokenizedUnpaired, ("completion_ids",), spec)
+
+    def batch_fn(batch_items, ref):
+        return batching.pad_unpaired(batch_items, **_pad_kwargs(state_spec))
+
+    return _make_iterator(items, state_spec, batch_fn, None)
 
 
 def _pad_kwargs(state_spec: dict) -> dict:

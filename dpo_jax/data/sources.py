@@ -287,9 +287,11 @@ def parse_records(
     way whatever its source: a `RecordError` naming file, line and field, or skipped and
     counted.
 
-    kind: "preference" (PreferenceExample), "unpaired" (UnpairedExample) or "sft"
-      (SFTExample; preference records give their chosen side).
-    record_format: "auto" or a format name of `dpo_jax.data.formats` (not for "unpaired").
+    kind: "preference" (PreferenceExample), "unpaired" (UnpairedExample; a preference
+      record gives two, its chosen side desirable and its rejected side undesirable, as
+      TRL's `unpair_preference_dataset`) or "sft" (SFTExample; preference records give
+      their chosen side).
+    record_format: "auto" or a format name of `dpo_jax.data.formats`.
     tokenizer: renders conversational records with its chat template.
     counter: decides raise vs skip (default: raise); read its `summary()` afterwards.
     count_ok: count yielded examples as kept; False when a later stage (tokenization)
@@ -310,14 +312,17 @@ def parse_records(
                 )
             elif kind == "sft":
                 example = formats.parse_sft(record, format=record_format, location=location, **kw)
-            else:
-                example = formats.parse_unpaired(record, location=location, **kw)
+            else:  # a preference pair gives its desirable and undesirable halves
+                example = formats.parse_unpaired_examples(
+                    record, format=record_format, location=location, **kw
+                )
         except RecordError as e:
             counter.handle(e)
             continue
         if count_ok:
             counter.ok()
-        yield example, location
+        for item in example if kind == "unpaired" else (example,):
+            yield item, location
 
 
 def iter_examples(

@@ -41,6 +41,7 @@ from dpo_jax.data.examples import (
     SFTExample,
     TokenizedPair,
     TokenizedSequence,
+    TokenizedUnpaired,
     UnpairedExample,
 )
 
@@ -405,16 +406,20 @@ def tokenize_examples(
     config: TokenizeConfig,
     counter: BadRecordCounter | None = None,
     stats: TokenizeStats | None = None,
-) -> Iterator[tuple[TokenizedPair | TokenizedSequence, Location | None]]:
+) -> Iterator[tuple[TokenizedPair | TokenizedSequence | TokenizedUnpaired, Location | None]]:
     """Tokenizes `(example, location)` items; errors get the location, then raise or are counted.
 
-    Preference examples give `TokenizedPair`, SFT / unpaired ones `TokenizedSequence`.
+    Preference examples give `TokenizedPair`, SFT ones `TokenizedSequence`, unpaired ones
+    `TokenizedUnpaired` (the sequence and its label).
     """
     counter = counter or BadRecordCounter("raise")
     for example, location in examples:
         try:
             if isinstance(example, PreferenceExample):
                 out = tokenize_pair(example, tokenizer, config, stats)
+            elif isinstance(example, UnpairedExample):
+                seq = tokenize_sequence(example, tokenizer, config, stats)
+                out = TokenizedUnpaired(seq.prompt_ids, seq.completion_ids, example.label)
             else:
                 out = tokenize_sequence(example, tokenizer, config, stats)
         except RecordError as e:
