@@ -11,10 +11,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ROPE_TYPES = ("default", "llama3")
 DTYPES = ("float32", "bfloat16")
+# What a rematerialised block keeps for the backward pass: nothing but its input ("full"),
+# or also the results of its matmuls (jax.checkpoint_policies of the same name; the
+# no-batch-dims one keeps the projections, not the attention score/value einsums).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,9 @@ class ModelConfig:
       parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential.
       sliding_window: attend only to keys with query_pos - key_pos < sliding_window (Mistral).
       dtype: compute dtype ("float32" or "bfloat16"); params always stay float32.
-      remat: rematerialise each block in the backward pass (nn.remat).
+      remat: rematerialisation of each block in the backward pass, one of REMAT_POLICIES
+        ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); True and
+        False (the older boolean form) mean "full" and "none".
       initializer_range: std of the normal init of kernels and embeddings.
       extra: hashable tuple of (key, value) pairs copied verbatim into exported configs
         (bos/eos token ids and the like); never affects the math.
@@ -77,7 +85,7 @@ class ModelConfig:
     parallel_residual: bool = False
     sliding_window: int | None = None
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
     initializer_range: float = 0.02
     extra: tuple[tuple[str, Any], ...] = ()
 
@@ -86,7 +94,10 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
 
+        if isinstance(self.remat, bool | np.bool_):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         check(self.family in FAMILIES, f"family={self.family!r} not in {FAMILIES}")
+        check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} not in {REMAT_POLICIES}")
         check(
             self.activation in ACTIVATIONS, f"activation={self.activation!r} not in {ACTIVATIONS}"
         )

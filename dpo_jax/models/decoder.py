@@ -93,6 +93,14 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, _ACT), cache
 
 
+def remat_block(config: ModelConfig):
+    """`Block`, rematerialised as `config.remat` says (see config.REMAT_POLICIES)."""
+    if config.remat == "none":
+        return Block
+    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    return nn.remat(Block, prevent_cse=True, policy=policy)
+
+
 class DecoderLM(nn.Module):
     """Decoder-only LM. Params are float32; compute runs in `config.dtype`."""
 
@@ -107,7 +115,7 @@ class DecoderLM(nn.Module):
             self.pos_embedding = param(
                 self, "pos_embedding", (cfg.max_position_embeddings, D), (None, "embed"), init
             )
-        block = nn.remat(Block, prevent_cse=True) if cfg.remat else Block
+        block = remat_block(cfg)
         self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:

@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""  # else a preset name from dpo_jax.models.presets (random init)
     c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields set on top of either
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = False  # rematerialise each layer in the backward pass (saves memory)
+    # Rematerialisation of each block in the backward pass (memory for compute): none | full
+    # | dots_saveable | dots_with_no_batch_dims_saveable (keep matmul results, recompute the
+    # rest); True / False mean full / none. Any type, so configs may keep the boolean form.
+    c.model.remat = config_dict.FieldReference(False, field_type=object)
 
     # --- Data ----------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -20,6 +20,7 @@ from dpo_jax.data.examples import check_on_bad_record
 from dpo_jax.data.formats import PREFERENCE_FORMATS
 from dpo_jax.data.tokenize import TokenizeConfig
 from dpo_jax.models import presets
+from dpo_jax.models.config import REMAT_POLICIES
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions
 from dpo_jax.train.steps import Guard, Objective
@@ -225,6 +226,11 @@ def _check_data(c: _Checker) -> None:
 def _check_model(c: _Checker) -> None:
     model = c.config.model
     c.require("model.dtype", lambda v: v in DTYPES, f"expected one of {DTYPES}")
+    c.require(
+        "model.remat",
+        lambda v: isinstance(v, bool) or v in REMAT_POLICIES,
+        f"expected one of {REMAT_POLICIES} (or True / False: full / none)",
+    )
     if model.hf_path:
         c.require(
             "model.hf_path",

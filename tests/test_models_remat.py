@@ -1,0 +1,67 @@
+"""Remat policies (`ModelConfig.remat`): the same loss and gradients as no remat, each policy
+really applied to every block, and the boolean form still accepted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax.models import DecoderLM, ModelConfig
+from dpo_jax.models.config import REMAT_POLICIES
+
+
+def loss_fn(model, params, tokens):
+    logits = model.apply({"params": params}, tokens).astype(jnp.float32)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] ** 2)
+
+
+def checkpoint_policies(fn, *args):
+    """The `policy` of every checkpoint (remat) equation in the jaxpr of `fn`."""
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return [e.params["policy"] for e in eqns if e.primitive.name in ("remat2", "checkpoint")]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_every_policy_gives_the_same_loss_and_gradients(family):
+    cfg = ModelConfig.tiny(family)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    params = DecoderLM(cfg).init(jax.random.key(0), tokens)["params"]
+    plain = jax.jit(jax.value_and_grad(lambda p: loss_fn(DecoderLM(cfg), p, tokens)))
+    want_loss, want_grads = plain(params)
+    for policy in REMAT_POLICIES[1:]:
+        model = DecoderLM(cfg.replace(remat=policy))
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, m=model: loss_fn(m, p, tokens)))(params)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=policy)
+        jax.tree.map(
+            lambda a, b, policy=policy: np.testing.assert_allclose(
+                a, b, rtol=1e-5, atol=1e-7, err_msg=policy
+            ),
+            grads,
+            want_grads,
+        )
+
+
+def test_each_policy_is_applied_to_every_block():
+    cfg = ModelConfig.tiny("llama")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    params = DecoderLM(cfg).init(jax.random.key(0), tokens)["params"]
+    grad = lambda m: jax.grad(lambda p: loss_fn(m, p, tokens))  # noqa: E731
+    assert checkpoint_policies(grad(DecoderLM(cfg)), params) == []
+    expected = {
+        "full": None,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": (
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        ),
+    }
+    for name, policy in expected.items():
+        found = checkpoint_policies(grad(DecoderLM(cfg.replace(remat=name))), params)
+        assert found == [policy] * cfg.num_layers, name
+
+
+def test_boolean_remat_and_unknown_names():
+    assert ModelConfig(remat=True).remat == "full"
+    assert ModelConfig(remat=False).remat == "none"
+    assert ModelConfig(remat=np.bool_(True)).remat == "full"
+    with pytest.raises(ValueError, match="remat='everything' not in"):
+        ModelConfig(remat="everything")
