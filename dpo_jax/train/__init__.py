@@ -2,6 +2,7 @@
 
 `README.md` beside this file maps each part of a DPO update to its module: `validate`
 (config), `inputs` (data), `devices` (placement), `scoring` (log-probs), `steps` (the
-jitted step), `optimizers`, `state`, `reference_cache`, `loop`, `checkpoints`, `metrics`;
+jitted step), `unpaired` (the KTO step), `optimizers`, `state`, `reference_cache`, `loop`,
+`checkpoints`, `metrics`;
 `toy` is a marker-token task and in-memory driver for notebooks and tests.
 """

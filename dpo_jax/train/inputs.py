@@ -23,6 +23,7 @@ from dpo_jax.data.examples import (
     SFTExample,
     TokenizedPair,
     TokenizedSequence,
+    UnpairedExample,
 )
 from dpo_jax.data.tokenize import (
     TokenizeConfig,
@@ -31,6 +32,7 @@ from dpo_jax.data.tokenize import (
     pad_id_of,
     tokenize_examples,
 )
+from dpo_jax.train.validate import unpaired
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,10 @@ log = logging.getLogger(__name__)
 class Splits:
     """Tokenized data of a run.
 
-    pairs / eval_pairs: preference pairs (train / held out).
-    sequences: SFT targets (prompt + chosen response) of the training records.
+    pairs / eval_pairs: the DPO stage's items (train / held out): preference pairs, or
+      `TokenizedUnpaired` examples when `unpaired` (an unpaired loss such as KTO).
+    sequences: SFT targets (prompt + chosen response, or + desirable completion) of the
+      training records.
     bad_records: skipped records per reason (`RecordError.reason`), all splits together;
       empty unless `config.data.on_bad_record = "skip"` skipped some.
     tokenize_events: counts of tokenization events per name (e.g. "prompt_truncated",
@@ -54,6 +58,7 @@ class Splits:
     sequences: list[TokenizedSequence]
     bad_records: dict[str, int] = dataclasses.field(default_factory=dict)
     tokenize_events: dict[str, int] = dataclasses.field(default_factory=dict)
+    unpaired: bool = False
 
 
 def generate_synthetic(data: ml_collections.ConfigDict, seed: int, directory: str):
@@ -165,8 +170,9 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     )
     counter = BadRecordCounter(data.on_bad_record, name="data")
     reader = _Reader(data, load_tokenizer(tokenizer_dir), tokenize_config, counter)
-    examples = reader.examples(train_files, data.tfds_train_split) or []
-    eval_examples = reader.examples(eval_files, data.tfds_eval_split)
+    kind = "unpaired" if "dpo" in config.stages and unpaired(config) else "preference"
+    examples = reader.examples(train_files, data.tfds_train_split, kind) or []
+    eval_examples = reader.examples(eval_files, data.tfds_eval_split, kind)
     if eval_examples is None:
         # No held-out files: the last `eval_fraction` of the training records, never trained
         # on (by SFT either).
@@ -177,15 +183,14 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
         if data.sft_files:
             sft_examples = reader.examples(tuple(data.sft_files), None, kind="sft")
         else:  # the paper's recipe: fine-tune on the preferred responses
-            sft_examples = [
-                (SFTExample(e.prompt, e.chosen, e.templated), loc) for e, loc in examples
-            ]
+            sft_examples = [(sft_target(e), loc) for e, loc in examples if sft_target(e)]
         sequences = reader.tokenize(sft_examples)
     pairs, eval_pairs = reader.tokenize(examples), reader.tokenize(eval_examples)
     reader.report()
+    what = "unpaired examples" if kind == "unpaired" else "pairs"
     if not pairs or not eval_pairs:
-        raise ValueError(f"no usable pairs: {len(pairs)} train, {len(eval_pairs)} held out")
-    log.info("Data: %d train pairs, %d held-out pairs.", len(pairs), len(eval_pairs))
+        raise ValueError(f"no usable {what}: {len(pairs)} train, {len(eval_pairs)} held out")
+    log.info("Data: %d train %s, %d held out.", len(pairs), what, len(eval_pairs))
     return Splits(
         reader.tokenizer,
         tokenize_config,
@@ -194,7 +199,18 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
         sequences,
         bad_records=counter.summary(),
         tokenize_events=reader.stats.summary(),
+        unpaired=kind == "unpaired",
     )
+
+
+def sft_target(example) -> SFTExample | None:
+    """The SFT target of a DPO-stage example: a pair's chosen response, an unpaired
+    example's completion when desirable (None when undesirable)."""
+    if isinstance(example, UnpairedExample):
+        if not example.label:
+            return None
+        return SFTExample(example.prompt, example.completion, example.templated)
+    return SFTExample(example.prompt, example.chosen, example.templated)
 
 
 def iterator_spec(splits: Splits, config, **fields) -> pipeline.IteratorSpec:
@@ -226,6 +242,8 @@ def train_iterator(
     )
     if stage == "sft":
         return pipeline.make_sft_iterator(splits.sequences, spec)
+    if splits.unpaired:
+        return pipeline.make_unpaired_iterator(splits.pairs, spec)
     return pipeline.make_preference_iterator(splits.pairs, spec, ref_logps=ref_logps)
 
 
@@ -241,4 +259,6 @@ def eval_iterator(splits: Splits, config, *, batch_size: int, ref_logps=None):
         num_epochs=1,
         source_name="held-out data",
     )
+    if splits.unpaired:
+        return pipeline.make_unpaired_iterator(splits.eval_pairs, spec)
     return pipeline.make_preference_iterator(splits.eval_pairs, spec, ref_logps=ref_logps)

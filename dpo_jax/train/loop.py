@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from dpo_jax import models, parallel
 from dpo_jax.data import batching
 from dpo_jax.train import devices as devices_lib
-from dpo_jax.train import inputs, reference_cache, steps
+from dpo_jax.train import inputs, reference_cache, steps, unpaired
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
@@ -121,10 +121,12 @@ class Stage:
         if self.name == "sft":
             return steps.make_sft_step(**common), None
         objective = objective_of(self.config)
-        evaluate = steps.make_eval_step(
-            model=model, objective=objective, scoring=self.scoring, axis_name=axis
-        )
-        return steps.make_dpo_step(objective=objective, **common), evaluate
+        if self.splits.unpaired:
+            make_step, make_eval = unpaired.make_unpaired_step, unpaired.make_unpaired_eval_step
+        else:
+            make_step, make_eval = steps.make_dpo_step, steps.make_eval_step
+        evaluate = make_eval(model=model, objective=objective, scoring=self.scoring, axis_name=axis)
+        return make_step(objective=objective, **common), evaluate
 
     def _cached_reference(self) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-prob sums [N, 2] of every (train, held-out) pair, from the stage's
@@ -297,23 +299,38 @@ class Stage:
     # --- evaluation ---------------------------------------------------------------------
 
     def _log_eval(self, evaluate, state, step):
+        """Held-out metrics: each batch's means weighted by what they are means over (real
+        pairs; for unpaired losses the desirable or undesirable examples), counts summed."""
+        if self.splits.unpaired:
+            counts, weights, per = unpaired.COUNT_KEYS, unpaired.MEAN_WEIGHTS, "examples"
+        else:
+            counts, weights, per = ("pairs", "tokens"), {}, "pairs"
         totals: dict[str, float] = {}
-        pairs = tokens = 0.0
-        max_pairs = self.config.eval.max_batches * self.local_batch
+        summed = dict.fromkeys(counts, 0.0)
+        max_items = self.config.eval.max_batches * self.local_batch
         batches = inputs.eval_iterator(
             self.splits, self.config, batch_size=self.local_batch, ref_logps=self.eval_ref_logps
         )
         for local in batches:
             m = to_python(evaluate(state.params, local))
-            n = m.pop("pairs")
-            tokens += m.pop("tokens")
-            for k, v in m.items():  # per-batch means over real pairs -> weighted by pairs
-                totals[k] = totals.get(k, 0.0) + v * n
-            pairs += n
-            if max_pairs and pairs >= max_pairs:
+            n = {k: m.pop(k) for k in counts}
+            for k, v in m.items():
+                w = n[weights.get(k, per)]
+                totals[k] = totals.get(k, 0.0) + v * w
+                totals["weight:" + k] = totals.get("weight:" + k, 0.0) + w
+            summed = {k: summed[k] + n[k] for k in counts}
+            if max_items and summed[per] >= max_items:
                 break
-        metrics = {f"eval/{k}": v / max(pairs, 1.0) for k, v in totals.items()}
-        metrics["eval/pairs"], metrics["eval/tokens"] = pairs, tokens
+        metrics = {
+            f"eval/{k}": v / max(totals["weight:" + k], 1.0)
+            for k, v in totals.items()
+            if not k.startswith("weight:")
+        }
+        if self.splits.unpaired:  # a difference of means, not a mean of differences
+            metrics["eval/rewards/margins"] = (
+                metrics["eval/rewards/chosen"] - metrics["eval/rewards/rejected"]
+            )
+        metrics.update({f"eval/{k}": v for k, v in summed.items()})
         self.writer.write(self.name, step, metrics)
         return metrics
 
@@ -366,7 +383,8 @@ SUMMARY_ROWS = (
     ("rejected reward", "rewards/rejected"),
     ("chosen log-prob", "logps/chosen"),
     ("rejected log-prob", "logps/rejected"),
-    ("DPO loss", "loss"),
+    ("KL baseline (KTO)", "kl"),
+    ("loss", "loss"),
 )
 
 
@@ -389,20 +407,27 @@ def summarize(workdir: str) -> str:
     if not evals:
         return "\n".join([*lines, "no DPO evaluation recorded"])
     first, last = evals[0], evals[-1]
+    what = "pairs" if "eval/pairs" in last else "examples"
     lines.append(
-        f"Held-out pairs ({int(last['eval/pairs'])}): step {first['step']} -> {last['step']}"
+        f"Held-out {what} ({int(last['eval/' + what])}): step {first['step']} -> {last['step']}"
     )
     for label, key in SUMMARY_ROWS:
-        lines.append(f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}")
-    lines.append(
-        "  (chance is 0.5; at step 0 the policy is the reference: rewards tie, accuracy 0)"
-    )
+        if "eval/" + key in last:  # unpaired losses have no accuracies, paired ones no kl
+            line = f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}"
+            lines.append(line)
+    if what == "pairs":
+        lines.append(
+            "  (chance is 0.5; at step 0 the policy is the reference: rewards tie, accuracy 0)"
+        )
+    else:
+        lines.append("  (at step 0 the policy is the reference: every reward is 0)")
     return "\n".join(lines)
 
 
 def _data_record(splits) -> dict[str, float]:
     """The data's bad-record and tokenization counts as one metrics.jsonl record."""
-    record = {"data/train_pairs": len(splits.pairs), "data/eval_pairs": len(splits.eval_pairs)}
+    what = "examples" if getattr(splits, "unpaired", False) else "pairs"
+    record = {f"data/train_{what}": len(splits.pairs), f"data/eval_{what}": len(splits.eval_pairs)}
     for group, counts in (
         ("skipped", getattr(splits, "bad_records", {})),
         ("tokenize", getattr(splits, "tokenize_events", {})),

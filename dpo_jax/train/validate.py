@@ -24,6 +24,7 @@ from dpo_jax.models.config import REMAT_POLICIES
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions
 from dpo_jax.train.steps import Guard, Objective
+from dpo_jax.train.unpaired import UnpairedObjective
 
 STAGES = ("sft", "dpo")
 REFERENCE_MODES = ("params", "cached", "none")
@@ -45,10 +46,18 @@ def set_hparams(loss_config: ml_collections.ConfigDict) -> dict:
     return {k: v for k, v in loss_config.hparams.items() if v is not None}
 
 
-def objective_of(config: ml_collections.ConfigDict) -> Objective:
-    """The DPO stage's `Objective` (loss, beta, hyperparameters) from `config.dpo.loss`."""
+def unpaired(config: ml_collections.ConfigDict) -> bool:
+    """Whether the DPO stage trains an unpaired loss (`kto`, `apo_zero_unpaired`): it then
+    reads unpaired examples (preference pairs split into desirable and undesirable ones)
+    and runs the unpaired step (`dpo_jax.train.unpaired`)."""
+    return config.dpo.loss.name in losses.unpaired_names()
+
+
+def objective_of(config: ml_collections.ConfigDict) -> Objective | UnpairedObjective:
+    """The DPO stage's objective (loss, beta, hyperparameters) from `config.dpo.loss`."""
     loss = config.dpo.loss
-    return Objective.create(loss.name, loss.beta, set_hparams(loss))
+    cls = UnpairedObjective if unpaired(config) else Objective
+    return cls.create(loss.name, loss.beta, set_hparams(loss))
 
 
 def reference_mode(config: ml_collections.ConfigDict) -> str:
@@ -164,6 +173,9 @@ def _check_dpo(c: _Checker) -> None:
     objective = c.call("dpo.loss", lambda: objective_of(config))
     if objective is None:
         return
+    if unpaired(config):
+        _check_unpaired(c, objective)
+        return
     if dpo.reference == "none" and loss.requires_reference:
         c.problems.append(
             f"config.dpo.reference='none': loss {loss.name!r} needs a reference ('params' or "
@@ -183,6 +195,28 @@ def _check_dpo(c: _Checker) -> None:
         c.problems.append(
             f"config.dpo.memory_efficient_logps=True: loss {loss.name!r} needs the full "
             "next-token distribution (set it to False)"
+        )
+
+
+def _check_unpaired(c: _Checker, objective: UnpairedObjective) -> None:
+    config, name = c.config, objective.loss.name
+    if config.dpo.reference != "params":
+        # The KL sequences pair each prompt with another example's completion of the same
+        # batch, which the shuffle decides: there is no per-record sum to cache.
+        c.problems.append(
+            f"config.dpo.reference={config.dpo.reference!r}: loss {name!r} needs the frozen "
+            "reference params ('params')"
+        )
+    if config.data.layout != "padded":
+        c.problems.append(
+            f"config.data.layout={config.data.layout!r}: loss {name!r} needs 'padded'"
+        )
+    local = config.dpo.batch_size // max(jax.process_count(), 1)
+    if objective.uses_kl and _positive_int(config.dpo.batch_size) and local < 2:
+        c.problems.append(
+            f"config.dpo.batch_size={config.dpo.batch_size}: loss {name!r} estimates its KL "
+            "baseline from mismatched completions of the same batch, so each process needs "
+            "at least 2 examples per batch"
         )
 
 
@@ -231,6 +265,7 @@ def _check_model(c: _Checker) -> None:
         lambda v: isinstance(v, bool) or v in REMAT_POLICIES,
         f"expected one of {REMAT_POLICIES} (or True / False: full / none)",
     )
+    c.require("model.scan_layers", lambda v: isinstance(v, bool), "must be True or False")
     if model.hf_path:
         c.require(
             "model.hf_path",
