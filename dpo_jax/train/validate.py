@@ -265,7 +265,6 @@ def _check_model(c: _Checker) -> None:
         lambda v: isinstance(v, bool) or v in REMAT_POLICIES,
         f"expected one of {REMAT_POLICIES} (or True / False: full / none)",
     )
-    c.require("model.scan_layers", lambda v: isinstance(v, bool), "must be True or False")
     if model.hf_path:
         c.require(
             "model.hf_path",
