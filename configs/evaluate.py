@@ -23,6 +23,8 @@ earlier evaluation's samples file, e.g. of the SFT model, at the same temperatur
 
 import ml_collections
 
+from dpo_jax.evaluation import options
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -45,26 +47,11 @@ def get_config(arg=None):
     c.prompts.tokenize_mode = "reference"  # reference (the paper's) | joint (TRL's)
 
     # --- Sampling ----------------------------------------------------------------------------
-    c.sampling = ml_collections.ConfigDict()
-    # One metrics row per temperature. 0 = greedy: its KL is that of a point mass,
-    # -log pi_ref(y), and its samples of one prompt are all the same.
-    c.sampling.temperatures = (1.0,)
-    c.sampling.max_new_tokens = 64  # completion budget; stops earlier at EOS
-    c.sampling.top_k = 0  # keep the k most probable tokens (0 = off)
-    c.sampling.top_p = 1.0  # nucleus mass (1 = off); KL is then to the truncated distribution
-    c.sampling.num_samples = 1  # completions per prompt (one prefill each)
-    c.sampling.batch_size = 32  # prompts per sampler call
+    c.sampling = options.sampling_config()  # temperatures, max_new_tokens, top_k/p, ...
     c.kl_batch_size = 32  # sequences per teacher-forced reference forward
 
     # --- Scoring -----------------------------------------------------------------------------
-    c.reward = ml_collections.ConfigDict()
-    c.reward.name = "vader"  # vader (lexicon sentiment) | classifier (local HF model) | none
-    c.reward.with_prompt = False  # score prompt + completion instead of the completion alone
-    c.reward.path = ""  # classifier: local AutoModelForSequenceClassification directory
-    c.reward.label = ""  # classifier: class whose score is the reward, e.g. POSITIVE (or index)
-    c.reward.score = "log_odds"  # classifier: log_odds | log_prob | prob | logit
-    c.reward.batch_size = 16  # classifier: texts per forward
-    c.reward.device = "cpu"  # classifier: torch device
+    c.reward = options.reward_config()  # vader | classifier (a local HF directory) | none
     c.implicit_beta = -1.0  # implicit reward's beta; -1 = the run's dpo.loss.beta (HF: 0.1)
     c.baseline_samples = ""  # samples_<x>.jsonl of another system (same prompts): win rate
     c.judge_template = ""  # tldr | hh: also write judge_*.jsonl requests for an LLM judge

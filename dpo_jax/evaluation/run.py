@@ -125,31 +125,35 @@ def evaluate_one(setup: Setup, label: str, model, params, temperature: float, ke
     prompt_texts = [prompts.texts[i] for i in index]
     chosen = [prompts.chosen[i] for i in index]
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    ref_model, ref_params = setup.reference
-    ref_logps = kl.completion_logps(
-        ref_model,
-        ref_params,
-        [prompts.ids[i] for i in index],
-        completions,
-        batch_size=setup.config.kl_batch_size,
-        pad_id=pad_id_of(tokenizer),
-    )
-    # The samples come from the sampling distribution (temperature, top-k/p), so its
-    # log-probs give KL(sampling distribution || reference); = KL(pi || ref) at T=1.
-    divergence = kl.sequence_kl(logps, ref_logps)
-    implicit = rewards.implicit_reward(model_logps, ref_logps, setup.beta)
-    stopped = np.array([c[-1] == tokenizer.eos_token_id for c in completions])
     row = {
         "checkpoint": label,
         "temperature": temperature,
         "samples": len(completions),
-        "kl_mean": divergence.mean,
-        "kl_stderr": divergence.stderr,
-        "implicit_reward_mean": float(implicit.mean()),
         "length_mean": float(lengths.mean()),
         "length_max": int(lengths.max()),
-        "stopped_fraction": float(stopped.mean()),
     }
+    ref_logps = None
+    if setup.reference is not None:  # None: a training run without reference params
+        ref_model, ref_params = setup.reference
+        ref_logps = kl.completion_logps(
+            ref_model,
+            ref_params,
+            [prompts.ids[i] for i in index],
+            completions,
+            batch_size=setup.config.kl_batch_size,
+            pad_id=pad_id_of(tokenizer),
+        )
+        # The samples come from the sampling distribution (temperature, top-k/p), so its
+        # log-probs give KL(sampling distribution || reference); = KL(pi || ref) at T=1.
+        divergence = kl.sequence_kl(logps, ref_logps)
+        implicit = rewards.implicit_reward(model_logps, ref_logps, setup.beta)
+        row.update(
+            kl_mean=divergence.mean,
+            kl_stderr=divergence.stderr,
+            implicit_reward_mean=float(implicit.mean()),
+        )
+    stopped = np.array([c[-1] == tokenizer.eos_token_id for c in completions])
+    row["stopped_fraction"] = float(stopped.mean())
     scores = None
     if setup.reward is not None:
         scores = np.asarray(setup.reward(prompt_texts, texts), np.float64)
@@ -177,7 +181,7 @@ def evaluate_one(setup: Setup, label: str, model, params, temperature: float, ke
             "reward": None if scores is None else float(scores[i]),
             "logp": float(logps[i]),
             "model_logp": float(model_logps[i]),
-            "ref_logp": float(ref_logps[i]),
+            "ref_logp": None if ref_logps is None else float(ref_logps[i]),
         }
         for i in range(len(completions))
     ]
