@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -52,6 +52,8 @@ from jax import lax
 from dpo_jax import losses
 from dpo_jax.data.batching import ROW_FIELDS, check_preference_batch, check_sft_batch, is_packed
 from dpo_jax.losses.core import REF_TOKEN_FIELDS, SUM_SQ_FIELDS, TOKEN_FIELDS
+from dpo_jax.models import lora as lora_lib
+from dpo_jax.models.lora import LoraConfig
 from dpo_jax.train.optimizers import learning_rate_from_state
 from dpo_jax.train.scoring import DEFAULT_SCORING, Scoring, ScoringOptions, pair_lengths
 from dpo_jax.train.state import TrainState, step_key
@@ -260,23 +262,30 @@ class _Grads:
     scoring: Scoring
     objective: Objective
     norm: jax.Array  # the loss normalizer of the global batch (a traced scalar)
+    to_policy: Callable = lambda params: params  # trained params -> the model's params
 
     def micro_loss(self, params, mb, ref, key):
         """(this micro-batch's share of the mean loss, its metric sums)."""
         n = mb["pair_mask"].shape[0]
-        policy = self.objective.policy_stats(self.scoring, params, mb, n, key)
+        policy = self.objective.policy_stats(self.scoring, self.to_policy(params), mb, n, key)
         loss_sum, sums = self.objective.sums(policy, ref, mb)
         return loss_sum / self.norm, sums
 
 
-def preference_grads(params, reference, batch, key, *, scoring, objective, accum_steps, axis_name):
+def preference_grads(
+    params, reference, batch, key, *, scoring, objective, accum_steps, axis_name, to_policy=None
+):
     """(grads, loss, metric sums) of the mean loss over the real pairs of the global batch.
 
     `grads` and `loss` are this device's share (to be psum'ed over `axis_name`); metric sums
     are this device's sums. `key` is the step's key; micro-batch i uses `fold_in(key, i)`.
+    to_policy: maps the trained `params` to the model's params (LoRA: `lora.merge` of the
+    frozen base with the adapters); default: they are the model's params.
     """
     objective.check(batch, reference)
     g = _Grads(scoring, objective, objective.normalizer(batch, axis_name))
+    if to_policy is not None:
+        g = dataclasses.replace(g, to_policy=to_policy)
     if accum_steps == 1:
         n = batch["pair_mask"].shape[0]
         ref = objective.reference_stats(scoring, reference, batch, n)
@@ -319,7 +328,7 @@ def _two_pass_grads(g: _Grads, params, reference, batch, key, accum_steps):
         return {**mb, **whole}, (num_pairs if packed else mb["pair_mask"].shape[0])
 
     def micro_stats(p, mb, k):
-        return objective.policy_stats(scoring, p, *full(mb), k)
+        return objective.policy_stats(scoring, g.to_policy(p), *full(mb), k)
 
     def forward(_, xs):
         mb, k = xs
@@ -436,6 +445,7 @@ def _dpo_step(
     accum_steps,
     axis_name,
     guard,
+    lora,
 ) -> tuple[TrainState, dict]:
     check_preference_batch(batch)
     grads, loss, sums = preference_grads(
@@ -447,6 +457,7 @@ def _dpo_step(
         objective=objective,
         accum_steps=accum_steps,
         axis_name=axis_name,
+        to_policy=_lora_policy(lora, reference),
     )
     grads, loss = _psum((grads, loss), axis_name)
     state, update_metrics = apply_gradients(state, grads, loss, tx, guard)
@@ -462,6 +473,7 @@ def make_dpo_step(
     accum_steps: int = 1,
     axis_name: str | None = None,
     guard: Guard = DEFAULT_GUARD,
+    lora: LoraConfig | None = None,
 ):
     """`step(state, batch, reference=None) -> (state, metrics)`: one optimizer step on a
     preference batch; pure.
@@ -473,6 +485,9 @@ def make_dpo_step(
     objective: the loss, beta and hyperparameters (default `Objective.create()`: DPO).
     accum_steps: micro-batches per step (must divide B, or R for packed batches).
     axis_name: the pmap axis over which gradients and metrics are reduced.
+    lora: LoRA DPO (`dpo_jax.models.lora`): `state.params` are the adapters (the only
+      params the optimizer sees), `reference` the frozen base they are merged into; the
+      base with the adapters off is the reference.
     Metrics: float32 scalars, see the module docstring.
     """
     return functools.partial(
@@ -484,7 +499,17 @@ def make_dpo_step(
         accum_steps=_check_accum(accum_steps),
         axis_name=axis_name,
         guard=guard,
+        lora=lora,
     )
+
+
+def _lora_policy(lora: LoraConfig | None, base) -> Callable | None:
+    """LoRA: adapters -> the policy's params, merged into the frozen base (`reference`)."""
+    if lora is None:
+        return None
+    if base is None:
+        raise ValueError("LoRA DPO needs the frozen base params as the reference argument")
+    return functools.partial(lora_lib.merge, base, config=lora)
 
 
 def preference_loss(
@@ -496,14 +521,18 @@ def preference_loss(
     objective: Objective,
     scoring: ScoringOptions = DEFAULT_SCORING,
     axis_name=None,
+    lora: LoraConfig | None = None,
 ):
     """(mean loss over the real pairs of the global batch, metrics): one forward, no update.
 
     Differentiable in `params`; `reference` receives exactly zero gradient. Metric means are
     over the batch's real pairs (`pairs` gives the weight for averaging over batches).
+    lora: `params` are adapters merged into the base `reference` (see `make_dpo_step`).
     """
     check_preference_batch(batch)
     objective.check(batch, reference)
+    if lora is not None:
+        params = _lora_policy(lora, reference)(params)
     scorer, n = Scoring(model, scoring), batch["pair_mask"].shape[0]
     ref = objective.reference_stats(scorer, reference, batch, n)
     loss_sum, sums = objective.sums(objective.policy_stats(scorer, params, batch, n), ref, batch)
@@ -517,6 +546,7 @@ def make_eval_step(
     objective: Objective | None = None,
     scoring: ScoringOptions = DEFAULT_SCORING,
     axis_name=None,
+    lora: LoraConfig | None = None,
 ):
     """`evaluate(params, batch, reference=None) -> metrics`: the DPO step's metrics on a
     held-out batch, without gradients or update metrics."""
@@ -531,6 +561,7 @@ def make_eval_step(
             objective=objective,
             scoring=scoring,
             axis_name=axis_name,
+            lora=lora,
         )[1]
 
     return evaluate
