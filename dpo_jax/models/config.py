@@ -50,6 +50,9 @@ class ModelConfig:
       remat: rematerialisation of each block in the backward pass, one of REMAT_POLICIES
         ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); True and
         False (the older boolean form) mean "full" and "none".
+      scan_layers: run the blocks as one `nn.scan` over stacked params (a leading
+        [num_layers] axis, logical name "layers"): compile time independent of depth.
+        Params then have another layout (`decoder.stack_layers` / `unstack_layers`).
       initializer_range: std of the normal init of kernels and embeddings.
       extra: hashable tuple of (key, value) pairs copied verbatim into exported configs
         (bos/eos token ids and the like); never affects the math.
@@ -86,6 +89,7 @@ class ModelConfig:
     sliding_window: int | None = None
     dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False
     initializer_range: float = 0.02
     extra: tuple[tuple[str, Any], ...] = ()
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpo_jax.models.config import ModelConfig
 from dpo_jax.models.layers import (
@@ -80,10 +81,14 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos, sin, cache=None):
-        """Returns (x, updated (k, v) cache or None); `cache` as in `Attention`."""
+    def __call__(self, x: jax.Array, mask: jax.Array, cos, sin, kv=None, index=None):
+        """Returns (x, updated (k, v) cache arrays or None); kv: this layer's (k, v) cache
+        arrays and index the slot to write, as `Attention`'s cache (None: no cache). The
+        cache is split from its index so that a layer scan slices the arrays per layer and
+        broadcasts the index."""
         cfg = self.config
         rope = None if cos is None else (cos, sin)
+        cache = None if kv is None else (*kv, index)
         attn, cache = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), mask, rope, cache)
         if cfg.parallel_residual:
             x = x + attn + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
@@ -98,7 +103,57 @@ def remat_block(config: ModelConfig):
     if config.remat == "none":
         return Block
     policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
-    return nn.remat(Block, prevent_cse=True, policy=policy)
+    # Inside a scan the loop boundary already keeps XLA from merging the recomputation
+    # into the forward pass; prevent_cse would only block optimisations there.
+    return nn.remat(Block, prevent_cse=not config.scan_layers, policy=policy)
+
+
+def scanned_blocks(config: ModelConfig, name: str = "layers"):
+    """All blocks as one `nn.scan` over a stacked copy: params [num_layers, ...] with the
+    logical axis "layers" in front; per-layer kv caches are scanned, everything else is
+    shared. One block is traced and compiled instead of num_layers."""
+    scan = nn.scan(
+        remat_block(config),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=config.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scan(config, name=name)
+
+
+def _is_layer(key: str) -> bool:
+    return key.startswith("layers_") and key[len("layers_") :].isdigit()
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Loop layout (layers_0 .. layers_{n-1}) -> scan layout (layers: [n, ...] leaves).
+
+    Works on host numpy (kept numpy) and on jax arrays; other entries pass through."""
+    missing = [f"layers_{i}" for i in range(num_layers) if f"layers_{i}" not in params]
+    if missing or "layers" in params:
+        raise ValueError(f"stack_layers: not a {num_layers}-layer loop layout (missing {missing})")
+    blocks = [params[f"layers_{i}"] for i in range(num_layers)]
+
+    def stack(*xs):
+        return np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+
+    out = {k: v for k, v in params.items() if not _is_layer(k)}
+    out["layers"] = jax.tree.map(stack, *blocks)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scan layout -> loop layout; the inverse of `stack_layers`."""
+    if "layers" not in params:
+        raise ValueError("unstack_layers: no stacked 'layers' entry (not a scan layout)")
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
 
 
 class DecoderLM(nn.Module):
@@ -115,8 +170,11 @@ class DecoderLM(nn.Module):
             self.pos_embedding = param(
                 self, "pos_embedding", (cfg.max_position_embeddings, D), (None, "embed"), init
             )
-        block = remat_block(cfg)
-        self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            self.layers = scanned_blocks(cfg)
+        else:
+            block = remat_block(cfg)
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = param(self, "lm_head", (D, V), ("embed", "vocab"), init)
@@ -155,8 +213,11 @@ class DecoderLM(nn.Module):
         positions, segment_ids = self._defaults(tokens, positions, segment_ids)
         x, cos, sin = self._embed(tokens, positions)
         mask = attention_mask(positions, segment_ids, cfg.sliding_window)
-        for layer in self.layers:
-            x, _ = layer(x, mask, cos, sin)
+        if cfg.scan_layers:
+            x, _ = self.layers(x, mask, cos, sin, None, None)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, mask, cos, sin)
         return self.final_norm(x), self._unembed()
 
     def _embed(self, tokens, positions):
@@ -217,11 +278,18 @@ class DecoderLM(nn.Module):
         mask = decode_mask(
             positions, segment_ids, cache_positions, cache_segment_ids, index, cfg.sliding_window
         )
-        ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            x, (k, v) = layer(x, mask, cos, sin, (k, v, index))
-            ks.append(k)
-            vs.append(v)
+        if cfg.scan_layers:
+            # The cache keeps one array per layer (the sampler's layout); the scan takes
+            # them stacked, at the cost of one copy of the cache per call.
+            x, (ks, vs) = self.layers(x, mask, cos, sin, (jnp.stack(cache.k), jnp.stack(cache.v)),
+                                      index)  # fmt: skip
+            ks, vs = tuple(ks), tuple(vs)
+        else:
+            ks, vs = [], []
+            for layer, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+                x, (k, v) = layer(x, mask, cos, sin, (k, v), index)
+                ks.append(k)
+                vs.append(v)
         if last_only:
             x = x[:, -1:]
         logits = self.final_norm(x) @ self._unembed()

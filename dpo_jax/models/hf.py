@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.decoder import DecoderLM
+from dpo_jax.models.decoder import DecoderLM, stack_layers, unstack_layers
 from dpo_jax.models.hf_config import (
     HFCheckpointError,
     check_exportable,
@@ -295,7 +295,8 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
 
     Returns `(model, params)`: `params` is a nested dict of host numpy float32 arrays (put
     them on devices with your own shardings). `dtype` is the compute dtype; `overrides`
-    replace other `ModelConfig` fields (e.g. remat=True). Raises `HFCheckpointError`
+    replace other `ModelConfig` fields (e.g. remat=True; scan_layers=True stacks the
+    layers' params, see `decoder.stack_layers`). Raises `HFCheckpointError`
     (a ValueError) for unsupported configs and missing, mis-shaped or unused tensors.
     """
     config_path = os.path.join(path, "config.json")
@@ -349,6 +350,8 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
+    if cfg.scan_layers:
+        params = stack_layers(params, cfg.num_layers)
     return DecoderLM(cfg), params
 
 
@@ -362,6 +365,8 @@ def to_hf(model: DecoderLM, params, path: str) -> None:
     cfg = model.config
     check_exportable(cfg)
     params = nn.unbox(params)
+    if cfg.scan_layers:
+        params = unstack_layers(params)
     tensors = {}
     for e in weight_entries(cfg):
         values = [np.asarray(_get(params, p), dtype=np.float32) for p in e.paths]

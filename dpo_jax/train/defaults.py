@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     # | dots_saveable | dots_with_no_batch_dims_saveable (keep matmul results, recompute the
     # rest); True / False mean full / none. Any type, so configs may keep the boolean form.
     c.model.remat = config_dict.FieldReference(False, field_type=object)
+    # Run the blocks as one nn.scan over stacked params: compile time independent of depth
+    # (32 layers compile several times faster); params get a leading [num_layers] axis.
+    c.model.scan_layers = False
 
     # --- Data ----------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -106,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.loss.beta = 0.1  # the KL-penalty strength (meaning per loss: see its docstring)
     c.dpo.loss.hparams = loss_hparams_config()  # other loss arguments, e.g. label_smoothing
     c.dpo.optimizer = optimizer_config()
+    # LoRA DPO (dpo_jax.models.lora): train low-rank adapters W + alpha/r A B of the DPO
+    # stage's starting params, which stay frozen and are also the reference (adapters off):
+    # one copy of the weights; the optimizer state and the checkpoints hold the adapters only;
+    # the export merges them. The SFT stage, if any, still trains every param.
+    c.dpo.lora = ml_collections.ConfigDict()
+    c.dpo.lora.rank = 0  # adapter rank r; 0 = off (full fine-tuning)
+    c.dpo.lora.alpha = 16.0  # the update is scaled by alpha / r (as PEFT's lora_alpha)
+    c.dpo.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections adapted
+    c.dpo.lora.base_dtype = "float32"  # frozen base weights: float32 | bfloat16 (half memory)
 
     # --- Parallelism ---------------------------------------------------------------------
     c.parallel = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ from dpo_jax.data.formats import PREFERENCE_FORMATS
 from dpo_jax.data.tokenize import TokenizeConfig
 from dpo_jax.models import presets
 from dpo_jax.models.config import REMAT_POLICIES
+from dpo_jax.models.lora import LoraConfig
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions
 from dpo_jax.train.steps import Guard, Objective
@@ -173,6 +174,8 @@ def _check_dpo(c: _Checker) -> None:
     objective = c.call("dpo.loss", lambda: objective_of(config))
     if objective is None:
         return
+    if dpo.lora.rank:
+        _check_lora(c)
     if unpaired(config):
         _check_unpaired(c, objective)
         return
@@ -195,6 +198,32 @@ def _check_dpo(c: _Checker) -> None:
         c.problems.append(
             f"config.dpo.memory_efficient_logps=True: loss {loss.name!r} needs the full "
             "next-token distribution (set it to False)"
+        )
+
+
+def lora_of(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The DPO stage's `LoraConfig`, or None when `config.dpo.lora.rank` is 0 (off)."""
+    lora = config.dpo.lora
+    if not lora.rank:
+        return None
+    return LoraConfig(rank=lora.rank, alpha=float(lora.alpha), targets=tuple(lora.targets))
+
+
+def _check_lora(c: _Checker) -> None:
+    config = c.config
+    c.call("dpo.lora", lambda: lora_of(config))
+    c.require("dpo.lora.base_dtype", lambda v: v in DTYPES, f"expected one of {DTYPES}")
+    if config.dpo.reference == "cached":
+        # The frozen base is held anyway (the adapters are merged into it), and it is the
+        # reference: cached sums would save nothing.
+        c.problems.append(
+            "config.dpo.reference='cached': LoRA DPO's reference is its frozen base (set "
+            "'params', or dpo.lora.rank=0)"
+        )
+    if unpaired(config):
+        c.problems.append(
+            f"config.dpo.lora.rank={config.dpo.lora.rank}: LoRA is not supported with the "
+            f"unpaired loss {config.dpo.loss.name!r} (set dpo.lora.rank=0)"
         )
 
 
@@ -265,6 +294,7 @@ def _check_model(c: _Checker) -> None:
         lambda v: isinstance(v, bool) or v in REMAT_POLICIES,
         f"expected one of {REMAT_POLICIES} (or True / False: full / none)",
     )
+    c.require("model.scan_layers", lambda v: isinstance(v, bool), "must be True or False")
     if model.hf_path:
         c.require(
             "model.hf_path",
