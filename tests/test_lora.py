@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from train_testlib import SGD, dpo_step, grads_of, padded_batch, random_pairs, sgd_state
 
 from dpo_jax import models
@@ -43,6 +44,19 @@ def test_adapters_cover_the_targeted_kernels_only(policy):
     assert list(only_q) == ["layers_0"] and list(only_q["layers_0"]) == ["attn"]
     with pytest.raises(ValueError, match="targets"):
         lora.LoraConfig(targets=("qkv",))
+
+
+def test_adapters_shard_like_their_kernels(model, policy):
+    from dpo_jax import parallel
+
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    specs = lora.adapter_specs(parallel.param_logical_specs(abstract["params"]), policy, CONFIG)
+    attn = specs["layers_0"]["attn"]
+    assert attn["q_kernel"]["lora_a"] == P("embed", None)
+    assert attn["q_kernel"]["lora_b"] == P(None, "heads", "head_dim")
+    assert attn["o_kernel"]["lora_a"] == P("heads", "head_dim", None)
+    assert attn["o_kernel"]["lora_b"] == P(None, "embed")
+    assert specs["layers_0"]["mlp"]["down_kernel"]["lora_b"] == P(None, "embed")
 
 
 def test_merge_is_w_plus_scaled_a_b_also_for_stacked_layers(policy):
@@ -134,3 +148,64 @@ def test_merged_export_reproduces_the_trained_logits_in_transformers(
     with torch.no_grad():
         theirs = torch_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_lora_dpo_run_starts_like_full_dpo_and_checkpoints_adapters_only(tmp_path):
+    """configs/dpo.py:tiny with `dpo.lora.rank=4`: the first step and the step-0 evaluation
+    equal the full-DPO run's (B = 0), the checkpoints hold only the adapters, and the
+    export is the merged policy (different from the starting model)."""
+    from test_loop import _restore_params, exported, load_config, read_metrics
+
+    from dpo_jax.train import loop
+
+    runs = {}
+    for name, rank in (("full", 0), ("lora", 4)):
+        config = load_config("dpo")
+        with config.unlocked():
+            config.dpo.lora.rank = rank
+            config.dpo.steps = 2
+            config.export_hf = True
+        loop.run(config, str(tmp_path / name))
+        runs[name] = read_metrics(str(tmp_path / name))
+    first = {n: [r for r in m if r["stage"] == "dpo" and r["step"] <= 1] for n, m in runs.items()}
+    for a, b in zip(first["lora"], first["full"], strict=True):
+        for key in ("loss", "eval/loss", "logps/chosen", "eval/logps/rejected", "tokens"):
+            if key in b:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+    state = _restore_params(str(tmp_path / "lora" / "checkpoints" / "dpo" / "2" / "state"))
+    assert state and all(k.endswith(("['lora_a']", "['lora_b']")) for k in state)
+    full_state = _restore_params(str(tmp_path / "full" / "checkpoints" / "dpo" / "2" / "state"))
+    assert sum(x.size for x in state.values()) < sum(x.size for x in full_state.values()) / 4
+    merged = exported(str(tmp_path / "lora"))
+    assert set(merged) == set(exported(str(tmp_path / "full")))
+
+
+def test_a_bfloat16_base_trains_float32_adapters(model, policy, batch):
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), policy)
+    merged = lora.merge(base, lora.init_adapters(base, CONFIG, jax.random.key(0)), CONFIG)
+    assert merged["layers_0"]["attn"]["q_kernel"].dtype == jnp.float32
+    state = sgd_state(lora.init_adapters(base, CONFIG, jax.random.key(0)))
+    _, full = dpo_step(model)(sgd_state(policy), batch, policy)
+    new_state, m = lora_step(model)(state, batch, base)
+    assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(m["loss"], full["loss"], rtol=1e-3)  # the base rounded to bf16
+    assert float(m["grad_norm"]) > 0
+
+
+def test_validate_names_what_lora_cannot_do():
+    from test_loop import load_config
+
+    from dpo_jax.train.validate import ConfigError, validate
+
+    config = load_config("dpo")
+    with config.unlocked():
+        config.dpo.lora.rank = 4
+        config.dpo.lora.targets = ("q", "qkv")
+        config.dpo.lora.base_dtype = "float16"
+        config.dpo.reference = "cached"
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    problems = "\n".join(err.value.problems)
+    assert "config.dpo.lora: LoRA targets ['q', 'qkv']" in problems
+    assert "config.dpo.lora.base_dtype='float16'" in problems
+    assert "config.dpo.reference='cached': LoRA DPO's reference is its frozen base" in problems

@@ -122,7 +122,7 @@ def adapter_specs(base_specs, base, config: LoraConfig) -> dict:
     """Logical PartitionSpecs of the adapters from their kernels' (`parallel.
     param_logical_specs`): A keeps W's leading and input axes, B its leading and output
     axes; the rank axis is not sharded."""
-    flat_specs = traverse_util.flatten_dict(base_specs, is_leaf=lambda x: isinstance(x, P))
+    flat_specs = traverse_util.flatten_dict(base_specs)  # a PartitionSpec is not a dict: a leaf
     specs = {}
     for path, projection, w in _targets(base, config):
         lead, n_in = _split(w, projection)

@@ -84,17 +84,19 @@ class Devices:
             return parallel.replicate(params)
         return jax.device_put(params, self._shardings(self.abstract_params, self.reference_rules))
 
-    def new_state(self, params, tx, rng):
+    def new_state(self, params, tx, rng, param_specs=None):
         """A step-0 TrainState around a *copy* of `params` (the state is donated each step,
-        `params` may still be needed, e.g. as the reference)."""
+        `params` may still be needed, e.g. as the reference). param_specs: logical specs of
+        `params` when they are not the model's (LoRA adapters: `lora.adapter_specs`)."""
 
         def init(p, key):
             return state_from_params(jax.tree.map(jnp.copy, p), tx, key)
 
         if self.mode == "pmap":
             return parallel.replicate(jax.jit(init)(params, rng))
+        specs = self.param_specs if param_specs is None else param_specs
         state, self.state_shardings = parallel.init_sharded(
-            init, params, rng, mesh=self.mesh, rules=self.rules, param_specs=self.param_specs
+            init, params, rng, mesh=self.mesh, rules=self.rules, param_specs=specs
         )
         return state
 

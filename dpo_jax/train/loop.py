@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from dpo_jax import models, parallel
 from dpo_jax.data import batching
+from dpo_jax.models import lora as lora_lib
 from dpo_jax.train import devices as devices_lib
 from dpo_jax.train import inputs, reference_cache, steps, unpaired
 from dpo_jax.train import workdir as workdir_lib
@@ -36,7 +37,7 @@ from dpo_jax.train.devices import Devices
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions, pair_logps
-from dpo_jax.train.validate import STAGES, objective_of, reference_mode, validate
+from dpo_jax.train.validate import STAGES, lora_of, objective_of, reference_mode, validate
 from dpo_jax.train.workdir import params_fingerprint
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Stage:
         self.local_batch = self.stage_config.batch_size // jax.process_count()
         self.seed = config.seed + 1000 * (STAGES.index(name) + 1)
         self.eval_ref_logps = None  # cached mode: reference sums of the held-out pairs
+        # LoRA DPO: the state holds the adapters, `reference` is the frozen base they merge into.
+        self.lora = lora_of(config) if name == "dpo" else None
         self.skipped = {"nonfinite": 0, "rejected": 0}  # steps the guard refused, in total
 
     # --- build ------------------------------------------------------------------------
@@ -124,7 +127,8 @@ class Stage:
         if self.splits.unpaired:
             make_step, make_eval = unpaired.make_unpaired_step, unpaired.make_unpaired_eval_step
         else:
-            make_step, make_eval = steps.make_dpo_step, steps.make_eval_step
+            make_step = functools.partial(steps.make_dpo_step, lora=self.lora)
+            make_eval = functools.partial(steps.make_eval_step, lora=self.lora)
         evaluate = make_eval(model=model, objective=objective, scoring=self.scoring, axis_name=axis)
         return make_step(objective=objective, **common), evaluate
 
@@ -189,7 +193,10 @@ class Stage:
         ref_logps = None
         if self.name == "dpo" and reference_mode(self.config) == "cached":
             ref_logps, self.eval_ref_logps = self._cached_reference()
-        state = self.devices.new_state(self.init_params, tx, rng)
+        if self.lora is None:
+            state = self.devices.new_state(self.init_params, tx, rng)
+        else:
+            state = self._adapter_state(tx, rng)
         # The state holds its own copy; dropping ours frees the starting params (which in
         # cached mode were the reference) once the caller has dropped its references too.
         self.init_params = None
@@ -211,6 +218,23 @@ class Stage:
             self.writer.drop_after(self.name, step)
             log.info("%s: resumed from step %d of %d.", self.name, step, self.total)
         return state, train_iter
+
+    def _adapter_state(self, tx, rng):
+        """LoRA: a step-0 state around fresh adapters (B = 0), sharded like their kernels."""
+        abstract = self.devices.abstract_params
+        init = functools.partial(lora_lib.init_adapters, abstract, self.lora)
+        adapters = jax.jit(init)(jax.random.key(self.seed))
+        specs = lora_lib.adapter_specs(self.devices.param_specs, abstract, self.lora)
+        return self.devices.new_state(adapters, tx, rng, param_specs=specs)
+
+    def _final_params(self, state):
+        """The trained policy, one copy: LoRA adapters merged into the base (for the next
+        stage and for export)."""
+        params = self.devices.params_of(state)
+        if self.lora is None:
+            return params
+        base = self.devices.to_checkpoint(self.reference)  # pmap: one copy of the replicas
+        return jax.jit(functools.partial(lora_lib.merge, config=self.lora))(base, params)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -251,7 +275,7 @@ class Stage:
             bar.close()
             train_iter.close()
         self.checkpointer.close()
-        return self.devices.params_of(state)
+        return self._final_params(state)
 
     def _log_train(self, step: int, window: _Window, bar: ProgressBar, local) -> None:
         """Writes the latest step's metrics and the guard's counts since the last write;
@@ -443,7 +467,11 @@ def _stage_inputs(name, config, devices, params, initial_params):
         return params, None
     if config.dpo.init_from == "model":
         params = initial_params
-    mode = reference_mode(config)
+    mode, lora = reference_mode(config), lora_of(config)
+    if lora is not None:  # the frozen base of the adapters, and (adapters off) the reference
+        if config.dpo.lora.base_dtype == "bfloat16":
+            params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+        return params, devices.reference(params)
     if mode != config.dpo.reference:
         log.info(
             "dpo: loss %r needs no reference; config.dpo.reference=%r is ignored (one model "
