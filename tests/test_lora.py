@@ -209,3 +209,33 @@ def test_validate_names_what_lora_cannot_do():
     assert "config.dpo.lora: LoRA targets ['q', 'qkv']" in problems
     assert "config.dpo.lora.base_dtype='float16'" in problems
     assert "config.dpo.reference='cached': LoRA DPO's reference is its frozen base" in problems
+
+
+def test_lora_on_scanned_layers_starts_like_full_dpo(batch):
+    """Stacked [layers, ...] kernels (`model.scan_layers`): adapters per layer, B = 0 gives
+    full DPO's first step."""
+    from train_testlib import random_params
+
+    from dpo_jax.models import DecoderLM, ModelConfig
+
+    model = DecoderLM(
+        ModelConfig.tiny(
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            mlp_dim=64,
+            max_position_embeddings=32,
+            scan_layers=True,
+        )  # fmt: skip
+    )
+    policy = random_params(model, 0)
+    adapters = lora.init_adapters(policy, CONFIG, jax.random.key(0))
+    a = jax.tree.leaves(adapters)[0]
+    assert a.shape[0] == 2  # one adapter per layer
+    _, full = dpo_step(model)(sgd_state(policy), batch, jax.tree.map(jnp.copy, policy))
+    new_state, ours = lora_step(model)(sgd_state(adapters), batch, policy)
+    np.testing.assert_allclose(ours["loss"], full["loss"], rtol=1e-6)
+    assert float(ours["grad_norm"]) > 0
