@@ -184,6 +184,13 @@ def test_a_bfloat16_base_trains_float32_adapters(model, policy, batch):
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), policy)
     merged = lora.merge(base, lora.init_adapters(base, CONFIG, jax.random.key(0)), CONFIG)
     assert merged["layers_0"]["attn"]["q_kernel"].dtype == jnp.float32
+    # For a bfloat16-compute model the step merges straight into bfloat16 (the model casts
+    # each kernel to it anyway): half the merged copy's memory.
+    ad = jax.tree.map(lambda x: x + 0.01, lora.init_adapters(base, CONFIG, jax.random.key(0)))
+    narrow = lora.merge(base, ad, CONFIG, dtype=jnp.bfloat16)["layers_0"]["mlp"]["up_kernel"]
+    wide = lora.merge(base, ad, CONFIG)["layers_0"]["mlp"]["up_kernel"]
+    assert narrow.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(narrow, wide.astype(jnp.bfloat16))
     state = sgd_state(lora.init_adapters(base, CONFIG, jax.random.key(0)))
     _, full = dpo_step(model)(sgd_state(policy), batch, policy)
     new_state, m = lora_step(model)(state, batch, base)

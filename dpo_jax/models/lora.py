@@ -105,16 +105,21 @@ def delta(a, b, lead: int) -> jax.Array:
     return product(a.astype(jnp.float32), b.astype(jnp.float32))
 
 
-def merge(base, adapters, config: LoraConfig):
-    """The params the policy runs with: targeted kernels W + (alpha / r) A @ B (float32, so
-    a bfloat16 base does not round the small update away), every other param the base's
-    own array (not copied)."""
+def merge(base, adapters, config: LoraConfig, dtype=jnp.float32):
+    """The params the policy runs with: targeted kernels W + (alpha / r) A @ B, summed in
+    float32 and stored in `dtype`; every other param the base's own array (not copied).
+
+    dtype: float32 (export, float32 compute: a bfloat16 base does not round the small
+    update away) or the model's compute dtype: the model casts each kernel to it at use
+    anyway, so a wider merged copy would only cost memory (the train step passes it).
+    """
     flat = traverse_util.flatten_dict(base)
     flat_adapters = traverse_util.flatten_dict(adapters)
     for path, projection, w in _targets(base, config):
         a, b = (flat_adapters[(*path, key)] for key in ADAPTER_KEYS)
         lead, _ = _split(w, projection)
-        flat[path] = w.astype(jnp.float32) + config.scale * delta(a, b, lead)
+        merged = w.astype(jnp.float32) + config.scale * delta(a, b, lead)
+        flat[path] = merged.astype(dtype)
     return traverse_util.unflatten_dict(flat)
 
 
