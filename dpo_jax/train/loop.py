@@ -408,7 +408,7 @@ SUMMARY_ROWS = (
     ("chosen log-prob", "logps/chosen"),
     ("rejected log-prob", "logps/rejected"),
     ("KL baseline (KTO)", "kl"),
-    ("loss", "loss"),
+    ("DPO loss", "loss"),
 )
 
 
@@ -437,6 +437,7 @@ def summarize(workdir: str) -> str:
     )
     for label, key in SUMMARY_ROWS:
         if "eval/" + key in last:  # unpaired losses have no accuracies, paired ones no kl
+            label = "unpaired loss" if key == "loss" and what == "examples" else label
             line = f"  {label:<18} {first['eval/' + key]:>10.4f} -> {last['eval/' + key]:>10.4f}"
             lines.append(line)
     if what == "pairs":
