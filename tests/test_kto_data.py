@@ -151,3 +151,35 @@ def test_validate_names_what_kto_cannot_do(tok_dir):
     with pytest.raises(ConfigError) as err:
         validate(config)
     assert not any("batch_size" in p for p in err.value.problems)
+
+
+def test_a_tfds_preference_dataset_feeds_kto_as_unpaired_examples(tmp_path):
+    """Fake official HH files -> our hh_rlhf builder (array_record) -> KTO examples: the
+    same TFDS/grain path as DPO, each pair split into a desirable and an undesirable one."""
+    from test_data_tfds import _hh_record, _write_jsonl_gz
+
+    from dpo_jax.data import synthetic
+
+    manual = tmp_path / "hh"
+    for split, n in (("train", 6), ("test", 3)):
+        records = [_hh_record("helpful-base", split, i) for i in range(n)]
+        _write_jsonl_gz(manual / "helpful-base" / f"{split}.jsonl.gz", records)
+    tokenizer_dir = tmp_path / "tokenizer"
+    synthetic.build_char_tokenizer(str(tokenizer_dir))
+    config = _config(
+        tokenizer_dir,
+        tfds_name="hh_rlhf/helpful_base",
+        tfds_data_dir=str(tmp_path / "tfds"),
+        tfds_manual_dir=str(manual),
+        format="standard",
+        truncation_mode="keep_end",
+        max_length=96,
+        max_prompt_length=64,
+    )
+    validate(config)
+    splits = inputs.load_splits(config, str(tmp_path))
+    assert splits.unpaired and len(splits.pairs) == 12 and len(splits.eval_pairs) == 6
+    assert [x.label for x in splits.eval_pairs] == [True, False] * 3
+    batch = next(inputs.train_iterator(splits, config, "dpo", batch_size=8, seed=0))
+    check_unpaired_batch(batch)
+    assert batch["pair_mask"].tolist() == [1] * 8
