@@ -3,7 +3,8 @@
 These small frozen dataclasses are the meeting point of the data modules:
 sources yield raw records with a `Location`, formats turn them into
 `PreferenceExample` / `UnpairedExample` / `SFTExample`, tokenize turns those into
-`TokenizedPair` / `TokenizedSequence`, and batching packs or pads them.
+`TokenizedPair` / `TokenizedUnpaired` / `TokenizedSequence`, and batching packs or pads
+them.
 
 Bad input is reported as a `RecordError` (file, record index, field, reason). Under
 `on_bad_record="skip"` the caller hands the error to a `BadRecordCounter` instead of
