@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dpo_jax import losses, parallel
+from dpo_jax.train.generation import generation_config
 from dpo_jax.train.optimizers import default_optimizer_config
 
 
@@ -148,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 100  # held-out evaluation every N steps (and at the end)
     c.eval.max_batches = 0  # 0 = the whole held-out set
+    # DPO stage: sample the held-out prompts, score them (reward, KL to the reference, win
+    # rate vs chosen) every `eval.generate.every_steps` steps (0 = off); see train/generation
+    c.eval.generate = generation_config()
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # metrics to JSONL/TensorBoard every N steps
     c.log.progress_bar = True  # tqdm bar with loss, accuracy, tokens/s, ETA

@@ -34,6 +34,7 @@ from dpo_jax.train import inputs, reference_cache, steps, unpaired
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
+from dpo_jax.train.generation import GenerationEval
 from dpo_jax.train.metrics import MetricWriter, ProgressBar, to_python
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions, pair_logps
@@ -91,7 +92,7 @@ class Stage:
 
     def __init__(self, name, config, workdir, devices, splits, writer, init_params, reference):
         self.name, self.config, self.devices = name, config, devices
-        self.splits, self.writer = splits, writer
+        self.splits, self.writer, self.workdir = splits, writer, workdir
         self.stage_config = config[name]
         self.total = int(self.stage_config.steps)
         self.init_params, self.reference = init_params, reference
@@ -245,11 +246,13 @@ class Stage:
         step_fn, eval_fn = self._step_and_eval(tx)
         train = self.devices.compile(step_fn, self.reference)
         evaluate = eval_fn and self.devices.compile_eval(eval_fn, self.reference)
-        if evaluate and step == 0:
-            self._log_eval(evaluate, state, 0)
+        generate = self._generation_eval()
+        if step == 0:
+            self._log_eval(evaluate, generate, state, 0)
         every = {
             "log": self.config.log.every_steps,
             "eval": self.config.eval.every_steps,
+            "generate": self.config.eval.generate.every_steps or self.total,
             "checkpoint": self.config.checkpoint.every_steps,
         }
         bar = ProgressBar(self.name, self.total, step, self.config.log.progress_bar)
@@ -264,8 +267,12 @@ class Stage:
                 # Read at least every `max_consecutive_skipped` steps, to stop a dead run soon.
                 if step % every["log"] == 0 or last or window.unread >= guard_limit:
                     self._log_train(step, window, bar, local)
-                if evaluate and (step % every["eval"] == 0 or last):
-                    self._log_eval(evaluate, state, step)
+                self._log_eval(
+                    evaluate if step % every["eval"] == 0 or last else None,
+                    generate if step % every["generate"] == 0 or last else None,
+                    state,
+                    step,
+                )
                 if step % every["checkpoint"] == 0 or last:
                     self._save(step, state, train_iter)
         except TrainingAborted:
@@ -322,7 +329,25 @@ class Stage:
 
     # --- evaluation ---------------------------------------------------------------------
 
-    def _log_eval(self, evaluate, state, step):
+    def _log_eval(self, evaluate, generate, state, step):
+        """Held-out metrics (`evaluate`) and the policy's generations (`generate`), each when
+        given."""
+        if evaluate:
+            self._log_held_out(evaluate, state, step)
+        if generate:
+            self.writer.write(self.name, step, generate(self._final_params(state), step))
+
+    def _generation_eval(self) -> GenerationEval | None:
+        """The DPO stage's periodic generation-based evaluation (`config.eval.generate`)."""
+        if self.name != "dpo" or not self.config.eval.generate.every_steps:
+            return None
+        # One copy of the reference (pmap holds replicas); LoRA: the frozen base.
+        reference = None if self.reference is None else self.devices.to_checkpoint(self.reference)
+        beta = float(self.config.dpo.loss.beta)
+        model = self.devices.model
+        return GenerationEval(self.config, self.splits, model, reference, beta, self.workdir)
+
+    def _log_held_out(self, evaluate, state, step):
         """Held-out metrics: each batch's means weighted by what they are means over (real
         pairs; for unpaired losses the desirable or undesirable examples), counts summed."""
         if self.splits.unpaired:

@@ -19,6 +19,7 @@ from dpo_jax import losses, parallel
 from dpo_jax.data.examples import check_on_bad_record
 from dpo_jax.data.formats import PREFERENCE_FORMATS
 from dpo_jax.data.tokenize import TokenizeConfig
+from dpo_jax.evaluation.inputs import REWARDS
 from dpo_jax.models import presets
 from dpo_jax.models.config import REMAT_POLICIES
 from dpo_jax.models.lora import LoraConfig
@@ -330,6 +331,33 @@ def _check_run(c: _Checker) -> None:
     del p
 
 
+def _check_generate(c: _Checker) -> None:
+    """`eval.generate`: the DPO stage's periodic sampling and scoring."""
+    g = c.config.eval.generate
+    c.require("eval.generate.every_steps", lambda v: v >= 0, "must be >= 0 (0 = off)")
+    if not g.every_steps:
+        return
+    if "dpo" not in c.config.stages or unpaired(c.config):
+        c.problems.append(
+            "config.eval.generate.every_steps: generation is evaluated in a "
+            "paired DPO stage only (set it to 0)"
+        )
+    for key in (
+        "num_prompts",
+        "sampling.max_new_tokens",
+        "sampling.num_samples",
+        "sampling.batch_size",
+        "kl_batch_size",
+    ):
+        c.require(f"eval.generate.{key}", _positive_int, "must be an int >= 1")
+    c.require(
+        "eval.generate.sampling.temperatures",
+        lambda v: len(v) > 0 and all(t >= 0 for t in v),
+        "one or more temperatures >= 0",
+    )
+    c.require("eval.generate.reward.name", lambda v: v in REWARDS, f"one of {REWARDS}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` listing every invalid key of `config` (a run config)."""
     c = _Checker(config)
@@ -339,6 +367,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     elif list(stages) != sorted(stages, key=STAGES.index):
         c.problems.append(f"config.stages={stages!r}: SFT runs before DPO; write {STAGES}")
     _check_run(c)
+    _check_generate(c)
     _check_model(c)
     _check_data(c)
     for name in stages:
