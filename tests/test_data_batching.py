@@ -174,7 +174,7 @@ def test_pad_pairs_ref_logps():
     np.testing.assert_array_equal(batch["ref_logps"], [[-1, -2], [-3, -4], [0, 0]])
     with pytest.raises(ValueError, match="shape"):
         batching.pad_pairs(pairs, max_length=4, ref_logps=[[-1, -2]])
-    with pytest.raises(ValueError, match="pair 1 is not finite"):
+    with pytest.raises(ValueError, match="record 1 is not finite"):
         batching.pad_pairs(pairs, max_length=4, ref_logps=[[-1, -2], [np.nan, 0]])
 
 

@@ -123,13 +123,22 @@ def _pair_sequences(pairs: Sequence[TokenizedPair]) -> list[tuple[tuple, tuple]]
     return out
 
 
-def _check_ref_logps(ref_logps, num_items: int) -> np.ndarray:
-    ref = np.asarray(ref_logps, dtype=np.float32)
+def check_ref_logps(ref_logps, num_items: int, source: str = "the batch") -> np.ndarray:
+    """Cached reference sums as float32 [N, 2] (column 0 chosen, 1 rejected), or a clear
+    error naming `source` and the first bad record (a wrong shape, a non-finite value)."""
+    ref = np.asarray(ref_logps)
     if ref.shape != (num_items, 2):
-        raise ValueError(f"ref_logps must have shape ({num_items}, 2), got {ref.shape}")
+        raise ValueError(
+            f"ref_logps of {source} has shape {ref.shape}; expected ({num_items}, 2): one "
+            "(chosen, rejected) row per pair"
+        )
+    ref = ref.astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
     if bad.size:
-        raise ValueError(f"ref_logps of pair {int(bad[0])} is not finite: {ref[bad[0]].tolist()}")
+        raise ValueError(
+            f"ref_logps of {source}, record {int(bad[0])} is not finite: "
+            f"{ref[bad[0]].tolist()} ({bad.size} such records)"
+        )
     return ref
 
 
@@ -209,7 +218,7 @@ def pad_pairs(
     batch["pair_mask"] = (np.arange(B) < len(seqs)).astype(np.int32)
     if ref_logps is not None:
         batch["ref_logps"] = np.zeros((B, 2), np.float32)
-        batch["ref_logps"][: len(seqs)] = _check_ref_logps(ref_logps, len(seqs))
+        batch["ref_logps"][: len(seqs)] = check_ref_logps(ref_logps, len(seqs))
     return batch
 
 
@@ -378,7 +387,7 @@ def packed_batch(
         raise ValueError(f"packing plan holds {len(plan.packed)} pairs > max_pairs={max_pairs}")
     batch["pair_mask"] = (np.arange(max_pairs) < len(plan.packed)).astype(np.int32)
     if ref_logps is not None:
-        ref = _check_ref_logps(ref_logps, len(seqs))
+        ref = check_ref_logps(ref_logps, len(seqs))
         batch["ref_logps"] = np.zeros((max_pairs, 2), np.float32)
         batch["ref_logps"][: len(plan.packed)] = ref[plan.packed]
     return batch

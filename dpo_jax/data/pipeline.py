@@ -193,7 +193,8 @@ def make_preference_iterator(
     """
     state_spec = spec.state_spec("preference", len(pairs))
     _check_items(pairs, TokenizedPair, ("chosen_ids", "rejected_ids"), spec)
-    ref_logps = _check_ref_logps(ref_logps, len(pairs), spec.source_name)
+    if ref_logps is not None:
+        ref_logps = batching.check_ref_logps(ref_logps, len(pairs), spec.source_name)
     B, L, pad_id = state_spec["batch_size"], state_spec["max_length"], state_spec["pad_id"]
     if spec.layout == "packed":
         R = state_spec["num_rows"]
@@ -292,23 +293,3 @@ def _make_iterator(items: Sequence, state_spec: dict, batch_fn, ref_logps) -> Ba
     return BatchIterator(
         stream.map(lookup), batch_fn, spec=state_spec, record_indices=stream, ref_logps=ref_logps
     )
-
-
-def _check_ref_logps(ref_logps, num_records: int, source_name: str) -> np.ndarray | None:
-    """The cached reference sums as float32 [N, 2], or a clear error naming the record."""
-    if ref_logps is None:
-        return None
-    ref = np.asarray(ref_logps)
-    if ref.shape != (num_records, 2):
-        raise ValueError(
-            f"ref_logps has shape {ref.shape}; expected ({num_records}, 2): one (chosen, "
-            f"rejected) row per record of {source_name}"
-        )
-    ref = ref.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"ref_logps of {source_name}, record {int(bad[0])} is not finite: "
-            f"{ref[bad[0]].tolist()} ({bad.size} such records)"
-        )
-    return ref

@@ -97,16 +97,7 @@ def load_ref_logps(path: str, num_pairs: int, key: str) -> np.ndarray | None:
             key,
         )
         return None
-    ref = np.load(path)
-    if ref.shape != (num_pairs, 2) or ref.dtype != np.float32:
-        raise ValueError(
-            f"{path}: cached reference log-probs of shape {ref.shape} {ref.dtype}; this run's "
-            f"data needs ({num_pairs}, 2) float32. Delete the file to recompute it."
-        )
-    bad = np.flatnonzero(~np.isfinite(ref).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{path}: record {int(bad[0])} is not finite: {ref[bad[0]].tolist()}")
-    return ref
+    return batching.check_ref_logps(np.load(path), num_pairs, path)
 
 
 def cache_key(params_fingerprint: str, pairs, scoring_options, max_length: int) -> str:
