@@ -12,7 +12,8 @@ frozen reference start from a local Hugging Face checkpoint (typically your SFT 
       --config.model.hf_path=/path/to/sft_model \
       --config.data.train_files=/path/to/train.jsonl --config.data.eval_files=/path/to/test.jsonl
 
-With unbalanced data, TRL's advice is weights such that
+LoRA KTO (adapters on the base, which is also the reference: one copy of the weights):
+add `--config.dpo.lora.rank=16`. With unbalanced data, TRL's advice is weights such that
 desirable_weight * #desirable / (undesirable_weight * #undesirable) lies in [1, 4/3], e.g.
 `--config.dpo.loss.hparams.undesirable_weight=0.5`.
 

@@ -128,10 +128,11 @@ class Stage:
         if self.splits.unpaired:
             make_step, make_eval = unpaired.make_unpaired_step, unpaired.make_unpaired_eval_step
         else:
-            make_step = functools.partial(steps.make_dpo_step, lora=self.lora)
-            make_eval = functools.partial(steps.make_eval_step, lora=self.lora)
-        evaluate = make_eval(model=model, objective=objective, scoring=self.scoring, axis_name=axis)
-        return make_step(objective=objective, **common), evaluate
+            make_step, make_eval = steps.make_dpo_step, steps.make_eval_step
+        evaluate = make_eval(
+            model=model, objective=objective, scoring=self.scoring, axis_name=axis, lora=self.lora
+        )
+        return make_step(objective=objective, lora=self.lora, **common), evaluate
 
     def _cached_reference(self) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-prob sums [N, 2] of every (train, held-out) pair, from the stage's

@@ -457,7 +457,7 @@ def _dpo_step(
         objective=objective,
         accum_steps=accum_steps,
         axis_name=axis_name,
-        to_policy=_lora_policy(lora, reference, model),
+        to_policy=lora_policy(lora, reference, model),
     )
     grads, loss = _psum((grads, loss), axis_name)
     state, update_metrics = apply_gradients(state, grads, loss, tx, guard)
@@ -503,7 +503,7 @@ def make_dpo_step(
     )
 
 
-def _lora_policy(lora: LoraConfig | None, base, model) -> Callable | None:
+def lora_policy(lora: LoraConfig | None, base, model) -> Callable | None:
     """LoRA: adapters -> the policy's params, merged into the frozen base (`reference`) in
     the model's compute dtype (what its kernels are cast to at use)."""
     if lora is None:
@@ -534,7 +534,7 @@ def preference_loss(
     check_preference_batch(batch)
     objective.check(batch, reference)
     if lora is not None:
-        params = _lora_policy(lora, reference, model)(params)
+        params = lora_policy(lora, reference, model)(params)
     scorer, n = Scoring(model, scoring), batch["pair_mask"].shape[0]
     ref = objective.reference_stats(scorer, reference, batch, n)
     loss_sum, sums = objective.sums(objective.policy_stats(scorer, params, batch, n), ref, batch)

@@ -39,6 +39,7 @@ from jax import lax
 
 from dpo_jax import logprobs, losses
 from dpo_jax.data.batching import ROW_FIELDS, check_unpaired_batch
+from dpo_jax.models.lora import LoraConfig
 from dpo_jax.train.scoring import DEFAULT_SCORING, Scoring, ScoringOptions
 from dpo_jax.train.state import TrainState, step_key
 from dpo_jax.train.steps import (
@@ -48,6 +49,7 @@ from dpo_jax.train.steps import (
     _micro_keys,
     _psum,
     apply_gradients,
+    lora_policy,
     split_micro_batches,
 )
 
@@ -153,15 +155,20 @@ def _means(loss, z0, sums: dict, axis_name) -> dict:
     return {**metrics, **{k: sums[k] for k in COUNT_KEYS}}
 
 
-def unpaired_grads(params, reference, batch, key, *, scoring, objective, accum_steps, axis_name):
+def unpaired_grads(
+    params, reference, batch, key, *, scoring, objective, accum_steps, axis_name, to_policy=None
+):
     """(grads, loss, z_0, metric sums) of the mean loss over the real examples of the global
-    batch; grads and loss are this device's share (to be psum'ed over `axis_name`)."""
-    ref, z0 = batch_constants(scoring, objective, params, reference, batch, accum_steps, axis_name)
+    batch; grads and loss are this device's share (to be psum'ed over `axis_name`).
+    to_policy: trained params -> the model's params (LoRA: `lora.merge` into the base)."""
+    to_policy = to_policy or (lambda p: p)
+    policy = to_policy(params)
+    ref, z0 = batch_constants(scoring, objective, policy, reference, batch, accum_steps, axis_name)
     norm = jnp.maximum(_psum((batch["pair_mask"] != 0).sum().astype(jnp.float32), axis_name), 1.0)
     batch = {**batch, "ref_example_logps": ref}
 
     def micro_loss(p, mb, k):
-        logps = sequence_logps(scoring, p, mb, 0, rngs={"dropout": k})
+        logps = sequence_logps(scoring, to_policy(p), mb, 0, rngs={"dropout": k})
         loss_sum, sums = unpaired_sums(objective, logps, mb["ref_example_logps"], z0, mb)
         return loss_sum / norm, sums
 
@@ -182,7 +189,7 @@ def unpaired_grads(params, reference, batch, key, *, scoring, objective, accum_s
 
 def _unpaired_step(
     state: TrainState, batch: Batch, reference, *, model, tx, objective, scoring, accum_steps,
-    axis_name, guard,
+    axis_name, guard, lora,
 ) -> tuple[TrainState, dict]:  # fmt: skip
     if reference is None:
         raise ValueError(
@@ -193,6 +200,7 @@ def _unpaired_step(
     grads, loss, z0, sums = unpaired_grads(
         state.params, reference, batch, step_key(state), scoring=Scoring(model, scoring),
         objective=objective, accum_steps=accum_steps, axis_name=axis_name,
+        to_policy=lora_policy(lora, reference, model),
     )  # fmt: skip
     grads, loss = _psum((grads, loss), axis_name)
     state, update_metrics = apply_gradients(state, grads, loss, tx, guard)
@@ -208,11 +216,13 @@ def make_unpaired_step(
     accum_steps: int = 1,
     axis_name: str | None = None,
     guard: Guard = DEFAULT_GUARD,
+    lora: LoraConfig | None = None,
 ):
     """`step(state, batch, reference) -> (state, metrics)`: one optimizer step on an unpaired
     batch (module docstring); pure. `reference`: the frozen reference params (required).
     objective: default `UnpairedObjective.create()` (KTO, beta 0.1, TRL's default).
-    accum_steps must divide B."""
+    accum_steps must divide B. lora: `state.params` are adapters merged into the frozen
+    base `reference`, as in `steps.make_dpo_step`."""
     return functools.partial(
         _unpaired_step,
         model=model,
@@ -222,6 +232,7 @@ def make_unpaired_step(
         accum_steps=_check_accum(accum_steps),
         axis_name=axis_name,
         guard=guard,
+        lora=lora,
     )
 
 
@@ -231,6 +242,7 @@ def make_unpaired_eval_step(
     objective: UnpairedObjective | None = None,
     scoring: ScoringOptions = DEFAULT_SCORING,
     axis_name=None,
+    lora: LoraConfig | None = None,
 ):
     """`evaluate(params, batch, reference) -> metrics`: the step's metrics on a held-out
     batch (z_0 from that batch), without gradients or update metrics."""
@@ -238,6 +250,8 @@ def make_unpaired_eval_step(
 
     def evaluate(params, batch, reference=None):
         check_unpaired_batch(batch)
+        if lora is not None:
+            params = lora_policy(lora, reference, model)(params)
         scorer = Scoring(model, scoring)
         ref, z0 = batch_constants(scorer, objective, params, reference, batch, 1, axis_name)
         logps = sequence_logps(scorer, params, batch, 0)

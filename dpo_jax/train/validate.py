@@ -221,11 +221,6 @@ def _check_lora(c: _Checker) -> None:
             "config.dpo.reference='cached': LoRA DPO's reference is its frozen base (set "
             "'params', or dpo.lora.rank=0)"
         )
-    if unpaired(config):
-        c.problems.append(
-            f"config.dpo.lora.rank={config.dpo.lora.rank}: LoRA is not supported with the "
-            f"unpaired loss {config.dpo.loss.name!r} (set dpo.lora.rank=0)"
-        )
 
 
 def _check_unpaired(c: _Checker, objective: UnpairedObjective) -> None:
