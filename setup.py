@@ -34,6 +34,11 @@ RUNTIME = [
 # AutoModelForSequenceClassification) needs torch; everything else runs without it.
 EVAL = ["torch==2.13.0"]
 
+# `pip install -e ".[tpu]"`: libtpu, the TPU compiler. On a TPU VM it runs the training;
+# on any other machine `python -m dpo_jax.plan` compiles the step for a TPU topology with it.
+# Pinned to the jax of constraints.txt: libtpu must match the jaxlib it plugs into.
+TPU = ["jax[tpu]==0.10.2"]
+
 TEST = [
     # torch only for parity tests against transformers' PyTorch models and TRL.
     "torch==2.13.0",
@@ -55,7 +60,7 @@ setup(
     packages=find_packages(include=["dpo_jax", "dpo_jax.*"]),
     python_requires=">=3.11,<3.12",
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "eval": EVAL},
+    extras_require={"test": TEST, "eval": EVAL, "tpu": TPU},
     entry_points={
         "console_scripts": [
             "dpo-jax=dpo_jax.main:run",
