@@ -107,6 +107,7 @@ def test_model_flops_are_dpo_flops(planned):
     assert 1.0 <= planned.xla_flops / planned.model_flops <= 1.1
     # The roofline is compute- or HBM-bound, never faster than either.
     assert planned.step_time >= planned.xla_flops / planned.peak_flops
+    assert planned.step_time >= planned.model_flops / planned.peak_flops
     assert planned.step_time >= planned.xla_bytes_accessed / planned.hbm_bandwidth
     assert 0 < planned.mfu <= 1
 
