@@ -18,8 +18,9 @@ reference is params) next to XLA's count; and a roofline step time,
 max(max(XLA, model) FLOPs / peak, XLA bytes / HBM bandwidth), with the MFU it implies. The roofline
 ignores inter-chip communication: it is a lower bound on the step time (an upper bound on
 MFU), not a promise; `--search` ranks by it, so it favours little sharding whenever that
-fits (data parallelism's gradient all-reduce is not counted either). `--search` compiles a small grid
-(mesh over data/fsdp/tensor, remat policy, micro-batches) and prints the fastest that fits.
+fits (data parallelism's gradient all-reduce is not counted either). `--search` compiles
+a small grid (mesh over data/fsdp/tensor, remat policy, micro-batches) and prints the
+fastest that fits.
 
 Per device = per chip: v4 and v5p chips run their two TensorCores as one megacore device,
 as on a live Cloud TPU host (v4 asks the topology for it: chip_config_name="megacore").
