@@ -65,3 +65,18 @@ def test_boolean_remat_and_unknown_names():
     assert ModelConfig(remat=np.bool_(True)).remat == "full"
     with pytest.raises(ValueError, match="remat='everything' not in"):
         ModelConfig(remat="everything")
+
+
+def test_run_config_keys_are_validated():
+    from dpo_jax.train.defaults import base_config, shrink_to_tiny
+    from dpo_jax.train.validate import ConfigError, validate
+
+    config = shrink_to_tiny(base_config())
+    config.model.remat = "dots_with_no_batch_dims_saveable"
+    config.model.scan_layers = True
+    validate(config)  # a policy name and the scan switch are valid
+    config.model.remat = True  # the boolean form of older configs
+    validate(config)
+    config.model.remat = "everything"
+    with pytest.raises(ConfigError, match="config.model.remat='everything'"):
+        validate(config)
