@@ -11,6 +11,10 @@ hidden [B, L, D]; unembed [D, V]. Tokens attend causally within equal non-zero s
 ids, so padding (segment 0) and packing (segments 1..S, positions restarting per segment)
 give the same values as separate unpadded rows.
 
+Layers run as a Python loop (params layers_0 .. layers_{n-1}) or, with
+`config.scan_layers`, as one `nn.scan` (params `layers` with a leading [num_layers] axis;
+`stack_layers` / `unstack_layers` convert): same values, depth-independent compile time.
+
 Decoding keeps keys and values in an explicit `KVCache` (arrays in, arrays out; no mutable
 collections): a prefill writes the prompt, then each call appends the next token(s). Every
 call's logits equal the full forward over everything written so far (same masks, same
