@@ -130,3 +130,29 @@ def test_layouts_are_checked():
         stack_layers({"layers_0": {}, "layers_1": {}}, 3)
     with pytest.raises(ValueError, match="not a scan layout"):
         unstack_layers({"layers_0": {}})
+
+
+def test_a_training_run_with_scanned_layers_equals_the_loop(tmp_path):
+    """`config.model.scan_layers` reaches the model: from the same Hugging Face weights, the
+    run's params are stacked and its losses equal the same run with a loop over layers."""
+    from test_loop import load_config, read_metrics
+
+    from dpo_jax.train import loop
+
+    model = DecoderLM(ModelConfig.tiny(vocab_size=100, num_layers=2))
+    hf_dir = str(tmp_path / "hf")
+    to_hf(model, random_params(model, 0), hf_dir)
+    losses = {}
+    for scan in (False, True):
+        config = load_config("dpo")
+        with config.unlocked():
+            config.model.preset = ""
+            config.model.hf_path = hf_dir
+            config.model.scan_layers = scan
+            config.dpo.steps = 3
+        workdir = str(tmp_path / f"scan_{scan}")
+        params = loop.run(config, workdir)
+        assert ("layers" in params) == scan  # stacked under one "layers" subtree
+        records = read_metrics(workdir)
+        losses[scan] = [r["loss"] for r in records if r["stage"] == "dpo" and "loss" in r]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)

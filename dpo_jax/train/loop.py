@@ -61,7 +61,12 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
     token ids past the embedding table would make every step NaN.
     """
     m = config.model
-    overrides = {**m.overrides.to_dict(), "dtype": m.dtype, "remat": m.remat}
+    overrides = {
+        **m.overrides.to_dict(),
+        "dtype": m.dtype,
+        "remat": m.remat,
+        "scan_layers": m.scan_layers,
+    }
     if m.hf_path:
         dtype = overrides.pop("dtype")
         model, params = models.from_hf(m.hf_path, dtype=dtype, **overrides)
