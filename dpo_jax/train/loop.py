@@ -241,7 +241,12 @@ class Stage:
         if self.lora is None:
             return params
         base = self.devices.to_checkpoint(self.reference)  # pmap: one copy of the replicas
-        return jax.jit(functools.partial(lora_lib.merge, config=self.lora))(base, params)
+        return self._merge(base, params)
+
+    @functools.cached_property
+    def _merge(self):
+        # Built once: a new jit wrapper per call would recompile at every generation eval.
+        return jax.jit(functools.partial(lora_lib.merge, config=self.lora))
 
     # --- the loop ----------------------------------------------------------------------
 
