@@ -163,6 +163,30 @@ class KLEstimate:
     per_sample: np.ndarray
 
 
+def paired_logps(where: str, policy_logps, ref_logps) -> tuple[np.ndarray, np.ndarray]:
+    """Policy and reference sequence log-probs of the same N samples as float64 [N], or a
+    ValueError naming `where` and the first bad entry."""
+    policy_logps = np.asarray(policy_logps, np.float64)
+    ref_logps = np.asarray(ref_logps, np.float64)
+    if policy_logps.ndim != 1 or policy_logps.shape != ref_logps.shape:
+        raise ValueError(
+            f"{where}: need policy_logps and ref_logps of one shape [N], got "
+            f"{policy_logps.shape} and {ref_logps.shape}"
+        )
+    if policy_logps.size == 0:
+        raise ValueError(f"{where}: no samples (empty log-prob arrays)")
+    for name, values in (("policy_logps", policy_logps), ("ref_logps", ref_logps)):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            # -inf from the reference means a sample it cannot produce: the KL is infinite,
+            # which a mean would report only as inf/NaN without saying where.
+            raise ValueError(
+                f"{where}: {name}[{int(bad[0])}] = {values[bad[0]]} is not finite "
+                f"({bad.size} non-finite samples)"
+            )
+    return policy_logps, ref_logps
+
+
 def sequence_kl(policy_logps, ref_logps) -> KLEstimate:
     """KL(pi || pi_ref) from N samples of pi: mean and standard error of d = policy - ref.
 
@@ -172,24 +196,7 @@ def sequence_kl(policy_logps, ref_logps) -> KLEstimate:
     Returns:
       KLEstimate; `stderr` = std(d, ddof=1) / sqrt(N), NaN when N = 1 (undefined).
     """
-    policy_logps = np.asarray(policy_logps, np.float64)
-    ref_logps = np.asarray(ref_logps, np.float64)
-    if policy_logps.ndim != 1 or policy_logps.shape != ref_logps.shape:
-        raise ValueError(
-            f"sequence_kl: need policy_logps and ref_logps of one shape [N], got "
-            f"{policy_logps.shape} and {ref_logps.shape}"
-        )
-    if policy_logps.size == 0:
-        raise ValueError("sequence_kl: no samples")
-    for name, values in (("policy_logps", policy_logps), ("ref_logps", ref_logps)):
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            # -inf from the reference means a sample it cannot produce: the KL is infinite,
-            # which a mean would report only as inf/NaN without saying where.
-            raise ValueError(
-                f"sequence_kl: {name}[{int(bad[0])}] = {values[bad[0]]} is not finite "
-                f"({bad.size} such samples)"
-            )
+    policy_logps, ref_logps = paired_logps("sequence_kl", policy_logps, ref_logps)
     d = policy_logps - ref_logps
     n = d.size
     stderr = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")

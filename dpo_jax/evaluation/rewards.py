@@ -28,6 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dpo_jax.evaluation.kl import paired_logps
+
 __all__ = [
     "HFClassifierReward",
     "Reward",
@@ -259,15 +261,5 @@ def implicit_reward(policy_logps, ref_logps, beta: float) -> np.ndarray:
     Returns:
       [N] float64.
     """
-    policy_logps = np.asarray(policy_logps, np.float64)
-    ref_logps = np.asarray(ref_logps, np.float64)
-    if policy_logps.ndim != 1 or policy_logps.shape != ref_logps.shape:
-        raise ValueError(
-            f"implicit_reward: need policy_logps and ref_logps of one shape [N], got "
-            f"{policy_logps.shape} and {ref_logps.shape}"
-        )
-    if policy_logps.size == 0:
-        raise ValueError("implicit_reward: empty log-prob arrays")
-    if not np.isfinite(policy_logps).all() or not np.isfinite(ref_logps).all():
-        raise ValueError("implicit_reward: non-finite log-probs (NaN/inf) in the inputs")
+    policy_logps, ref_logps = paired_logps("implicit_reward", policy_logps, ref_logps)
     return beta * (policy_logps - ref_logps)
