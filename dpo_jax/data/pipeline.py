@@ -218,28 +218,27 @@ def make_preference_iterator(
 def make_sft_iterator(sequences: Sequence[TokenizedSequence], spec: IteratorSpec) -> BatchIterator:
     """Padded SFT batches (the layout: top of `batching`); stream, sharding and state as
     `make_preference_iterator`."""
-    if spec.layout != "padded":
-        raise ValueError(f"SFT batches are padded; got layout={spec.layout!r}")
-    state_spec = spec.state_spec("sft", len(sequences))
-    _check_items(sequences, TokenizedSequence, ("completion_ids",), spec)
-
-    def batch_fn(items, ref):
-        return batching.pad_sequences(items, **_pad_kwargs(state_spec))
-
-    return _make_iterator(sequences, state_spec, batch_fn, None)
+    return _padded_iterator("sft", sequences, TokenizedSequence, batching.pad_sequences, spec)
 
 
 def make_unpaired_iterator(items: Sequence[TokenizedUnpaired], spec: IteratorSpec) -> BatchIterator:
     """Padded unpaired (KTO) batches, each example with its KL sequence built from the
     other examples of its batch (`batching.pad_unpaired`); stream, sharding and state as
     `make_preference_iterator`."""
+    return _padded_iterator("unpaired", items, TokenizedUnpaired, batching.pad_unpaired, spec)
+
+
+def _padded_iterator(kind: str, items, item_type, pad, spec: IteratorSpec) -> BatchIterator:
+    """Batches `pad(items, **padding options)` of single sequences (no packing, no cached
+    reference sums)."""
     if spec.layout != "padded":
-        raise ValueError(f"unpaired batches are padded; got layout={spec.layout!r}")
-    state_spec = spec.state_spec("unpaired", len(items))
-    _check_items(items, TokenizedUnpaired, ("completion_ids",), spec)
+        what = "SFT" if kind == "sft" else kind
+        raise ValueError(f"{what} batches are padded; got layout={spec.layout!r}")
+    state_spec = spec.state_spec(kind, len(items))
+    _check_items(items, item_type, ("completion_ids",), spec)
 
     def batch_fn(batch_items, ref):
-        return batching.pad_unpaired(batch_items, **_pad_kwargs(state_spec))
+        return pad(batch_items, **_pad_kwargs(state_spec))
 
     return _make_iterator(items, state_spec, batch_fn, None)
 
