@@ -170,6 +170,8 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     )
     counter = BadRecordCounter(data.on_bad_record, name="data")
     reader = _Reader(data, load_tokenizer(tokenizer_dir), tokenize_config, counter)
+    if "dpo" not in config.stages:
+        return _sft_only_splits(config, reader, train_files)
     kind = "unpaired" if "dpo" in config.stages and unpaired(config) else "preference"
     examples = reader.examples(train_files, data.tfds_train_split, kind) or []
     eval_examples = reader.examples(eval_files, data.tfds_eval_split, kind)
@@ -200,6 +202,29 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
         bad_records=counter.summary(),
         tokenize_events=reader.stats.summary(),
         unpaired=kind == "unpaired",
+    )
+
+
+def _sft_only_splits(config, reader: _Reader, train_files) -> Splits:
+    """The data of a run without a DPO stage: SFT targets only, no pairs. `parse_sft` reads
+    {prompt, completion} records (e.g. plain texts) and takes the chosen side of preference
+    records (Preferred-FT), so such a run trains on either kind of file."""
+    data = config.data
+    files = tuple(data.sft_files) or train_files
+    examples = reader.examples(files, data.tfds_train_split, kind="sft") or []
+    sequences = reader.tokenize(examples)
+    reader.report()
+    if not sequences:
+        raise ValueError(f"no usable SFT sequences in {files or data.tfds_name}")
+    log.info("Data: %d SFT sequences (no DPO stage: no pairs).", len(sequences))
+    return Splits(
+        reader.tokenizer,
+        reader.tokenize_config,
+        [],
+        [],
+        sequences,
+        bad_records=reader.counter.summary(),
+        tokenize_events=reader.stats.summary(),
     )
 
 
