@@ -30,7 +30,7 @@ from dpo_jax import models, parallel
 from dpo_jax.data import batching
 from dpo_jax.models import lora as lora_lib
 from dpo_jax.train import devices as devices_lib
-from dpo_jax.train import inputs, reference_cache, steps, unpaired
+from dpo_jax.train import inputs, reference_cache, steps, throughput, unpaired
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
@@ -268,24 +268,31 @@ class Stage:
         }
         bar = ProgressBar(self.name, self.total, step, self.config.log.progress_bar)
         window, guard_limit = _Window(step), self.config.guard.max_consecutive_skipped
+        meter = self._meter()
         try:
             while step < self.total:
                 local = next(train_iter)
+                meter.add(local)
                 state, metrics = train(state, local)
                 step += 1
                 window.add(metrics)
                 last = step == self.total
                 # Read at least every `max_consecutive_skipped` steps, to stop a dead run soon.
                 if step % every["log"] == 0 or last or window.unread >= guard_limit:
-                    self._log_train(step, window, bar, local)
-                self._log_eval(
-                    evaluate if step % every["eval"] == 0 or last else None,
-                    generate if step % every["generate"] == 0 or last else None,
-                    state,
-                    step,
+                    self._log_train(step, window, bar, local, meter)
+                due_eval, due_generate, due_save = (
+                    step % every[k] == 0 or last for k in ("eval", "generate", "checkpoint")
                 )
-                if step % every["checkpoint"] == 0 or last:
-                    self._save(step, state, train_iter)
+                if due_eval or due_generate or due_save:
+                    with meter.paused(state):  # evaluation and saving are not training time
+                        self._log_eval(
+                            evaluate if due_eval else None,
+                            generate if due_generate else None,
+                            state,
+                            step,
+                        )
+                        if due_save:
+                            self._save(step, state, train_iter)
         except TrainingAborted:
             self.checkpointer.close()  # pending saves (of accepted params) reach the disk
             raise
@@ -295,7 +302,13 @@ class Stage:
         self.checkpointer.close()
         return self._final_params(state)
 
-    def _log_train(self, step: int, window: _Window, bar: ProgressBar, local) -> None:
+    def _meter(self) -> throughput.Meter:
+        """Tokens/s, pairs/s, TFLOP/s per device and MFU of this stage's steps."""
+        stage = "unpaired" if self.name == "dpo" and self.splits.unpaired else self.name
+        reference = self.name == "dpo" and reference_mode(self.config) == "params"
+        return throughput.Meter(self.devices.model.config, stage=stage, reference_forward=reference)
+
+    def _log_train(self, step: int, window: _Window, bar: ProgressBar, local, meter) -> None:
         """Writes the latest step's metrics and the guard's counts since the last write;
         aborts the run after too many consecutive skipped steps."""
         m = to_python(window.last)
@@ -315,6 +328,7 @@ class Stage:
         m["rejected_steps_total"] = self.skipped["rejected"]
         m["tokens_per_sec"] = bar.update(step - window.start, m, window.tokens)
         m["padding_fraction"] = batching.padding_fraction(local)
+        m.update(meter.read())  # window.flush() above synced on the steps it measures
         window.start, window.tokens = step, 0.0
         self.writer.write(self.name, step, m)
         # A background save that failed stops the run now, not at the next save.
@@ -463,6 +477,7 @@ def summarize(workdir: str) -> str:
         }
         if counts:
             lines.append("Data: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    lines.extend(_throughput_lines(records))
     evals = [r for r in records if r["stage"] == "dpo" and "eval/loss" in r]
     if not evals:
         return "\n".join([*lines, "no DPO evaluation recorded"])
@@ -483,6 +498,30 @@ def summarize(workdir: str) -> str:
     else:
         lines.append("  (at step 0 the policy is the reference: every reward is 0)")
     return "\n".join(lines)
+
+
+def _throughput_lines(records) -> list[str]:
+    """Per stage: medians of the logged throughput windows (the first one, which includes
+    compilation, left out when there are others)."""
+    lines = []
+    for stage in STAGES:
+        logged = [r for r in records if r["stage"] == stage and "mfu" in r]
+        if not logged:
+            continue
+        which = f"median of {len(logged) - 1} log windows after the first"
+        if len(logged) == 1:
+            which = "one log window, compilation included"
+        logged = logged[1:] if len(logged) > 1 else logged
+        rate = next(k for k in throughput.ITEM_RATES.values() if k in logged[-1])
+        keys = (rate, "tokens_per_s", "tflops_per_device", "mfu", "peak_tflops_per_device")
+        med = {k: float(np.median([r[k] for r in logged])) for k in keys}
+        lines.append(
+            f"Throughput {stage} ({which}): "
+            f"{med[rate]:,.1f} {rate.removesuffix('_per_s')}/s, {med['tokens_per_s']:,.0f} "
+            f"tokens/s, {med['tflops_per_device']:.4g} TFLOP/s per device, MFU "
+            f"{100 * med['mfu']:.1f}% of {med['peak_tflops_per_device']:.4g} TFLOP/s"
+        )
+    return lines
 
 
 def _data_record(splits) -> dict[str, float]:
