@@ -10,5 +10,6 @@ pipeline   grain: seeded shuffle, epochs, per-process shards of tokenized items
 batch_iterator  batches from the stream, with an exact checkpointable state
 tfds_builders  array_record TFDS builders (generic files, hh_rlhf), no TensorFlow
 synthetic  the quickstart's self-generated toy task and character tokenizer
+reviews    the sentiment experiment's generated movie reviews and BPE tokenizer
 examples   the dataclasses these modules exchange, and RecordError
 """

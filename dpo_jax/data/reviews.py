@@ -1,0 +1,842 @@
+"""A self-generated movie-review corpus and its BPE tokenizer: the sentiment experiment's
+"small" configuration, with no download.
+
+Each review is about one made-up film (title, year, genre, director, two actors and their
+roles) and is written by a compositional grammar: the reviewer's rating (1-10, drawn with
+IMDb's polarised shape: many 1s and 10s) sets the tone ("negative" for 1-4, "mixed" for 5-6,
+"positive" for 7-10, IMDb's own labelling rule with the middle kept) and how strongly each
+sentence praises or criticises. A review is 2-6 sentences: an opening (the film, its maker,
+how the reviewer came to watch it), a plot summary, remarks on aspects (acting, direction,
+writing, music, visuals, pacing), comparisons with other made-up films, a recommendation and
+a verdict. Remarks come from many frames (copulas, verbs, "I loved ...", "... had me in
+tears", negated opposites such as "never boring" or "hardly convincing", hedges and
+intensifiers, contrasts with "but" / "although" / "while"), over lexicons graded by valence
+(strong and mild, positive and negative, general and aspect-specific) and neutral
+descriptive words. Mixed reviews set praise against criticism; positive reviews sometimes
+concede a flaw and negative ones a bright spot. Punctuation varies ("!", "...", ";",
+parentheses, "7/10").
+
+What it is not: IMDb. Real reviews are longer (230 words on average against about 60 here),
+wander off topic, quote dialogue, misspell, use slang, markup and sarcasm, and discuss real
+films and people. Here every sentence is grammatical, on topic and says what it means
+(except for VADER's own misreadings), and the vocabulary is closed (about 2,000 word types
+against IMDb's 100,000+). It keeps what the DPO paper's experiment needs: prefixes that
+leave the sentiment of the continuation open, a spread of sentiment that a lexicon reward
+(VADER) can tell apart, and enough variety that a small model must learn a distribution,
+not memorise a list (hundreds of thousands of distinct sentences can be drawn; 20,000
+reviews hold about 80,000 sentences, nearly all distinct).
+
+Records use the SFT format of `dpo_jax.data.formats`: `{"prompt": "", "completion": text}`
+plus the generator's `rating` and `tone` (ignored by the readers, kept for analysis).
+
+`write_review_tokenizer` trains a byte-level BPE tokenizer (GPT-2's pre-tokenization, so
+any split of a text at token boundaries decodes back to the exact text) with the specials
+and Llama-style BOS of `dpo_jax.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+
+from dpo_jax.data.synthetic import (
+    BOS_TOKEN,
+    CHAT_TEMPLATE,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    UNK_TOKEN,
+    write_jsonl,
+)
+
+TONES = ("positive", "negative", "mixed")
+# IMDb's rating histogram is U-shaped (10 and 1 are the most common ratings).
+RATING_WEIGHTS = {1: 14, 2: 7, 3: 7, 4: 8, 5: 7, 6: 8, 7: 10, 8: 12, 9: 10, 10: 17}
+
+
+def _w(text: str) -> tuple[str, ...]:
+    return tuple(text.split("|"))
+
+
+def _one(rng: random.Random, options: str) -> str:
+    return rng.choice(options.split("|"))
+
+
+# ----------------------------------------------------------------------------- lexicons
+
+FIRST = _w(
+    "Ada|Alma|Anton|Ari|Beatrix|Bruno|Cal|Camille|Cyrus|Dalia|Dev|Edith|Elio|Esme|Felix|"
+    "Flora|Gideon|Greta|Hal|Hana|Ines|Ivo|Jonah|June|Kasimir|Kit|Lena|Leopold|Lior|Mabel|"
+    "Marek|Mira|Nadia|Nico|Odile|Omar|Petra|Quentin|Rafe|Rosa|Saul|Selma|Soren|Tamsin|Theo|"
+    "Ulla|Vera|Viktor|Wren|Yusuf|Zelda|Zora"
+)
+LAST = _w(
+    "Abernathy|Alvarez|Brandt|Castellane|Dunmore|Ekdahl|Falconer|Ferro|Galloway|Hadley|"
+    "Halvorsen|Ibsen|Jankowski|Kessler|Laine|Lindqvist|Marchetti|Morrow|Nakamura|Novak|"
+    "Okafor|Ortega|Pellham|Quarry|Ravel|Rourke|Salgado|Sandoval|Szabo|Tanaka|Thorne|Ulrich|"
+    "Vance|Varga|Whitlock|Winslow|Yardley|Zamora|Blackwood|Coutinho|Delacroix|Eastman|"
+    "Fairbanks|Greer|Holloway|Iverson|Kowalski|Lachance|Mbeki|Osei"
+)
+TITLE_ADJ = _w(
+    "Silent|Last|Crimson|Hollow|Distant|Quiet|Golden|Iron|Midnight|Paper|Glass|Winter|"
+    "Northern|Velvet|Seventh|Long|Empty|Burning|Hidden|Salt|Copper|Amber|Narrow|Blue|Wild|"
+    "Second|Pale|Far|Little|Summer"
+)
+TITLE_NOUN = _w(
+    "Harbor|Orchard|Frontier|Witness|Lantern|Signal|Garden|Shore|Machine|Kingdom|Road|River|"
+    "Hour|Station|Season|Echo|Border|Archive|Tide|Mountain|Island|Letter|Compass|Engine|"
+    "Carnival|Lighthouse|Orbit|Canyon|Ballroom|Parade|Meridian|Harvest|Circuit|Market"
+)
+GENRES = _w(
+    "thriller|romantic comedy|western|horror film|documentary|heist movie|family drama|"
+    "science fiction film|war film|musical|coming-of-age story|animated feature|crime drama|"
+    "mystery|period piece|satire|road movie|courtroom drama|ghost story|sports drama|"
+    "spy thriller|disaster movie|biopic|fantasy adventure|psychological thriller|black comedy"
+)
+ROLES = _w(
+    "a retired boxer|a young nurse|a small-town sheriff|a disillusioned teacher|"
+    "a reclusive painter|an ambitious lawyer|a widowed farmer|a jazz pianist|"
+    "a rookie detective|a ship's cook|a bored accountant|a former spy|a teenage runaway|"
+    "a stubborn journalist|an aging rock star|a night-shift taxi driver|a country doctor|"
+    "a struggling novelist|a chess prodigy|a lighthouse keeper|an out-of-work actor|"
+    "a grieving father|a con artist|a marine biologist|a hotel concierge|a union organizer|"
+    "a factory worker|a schoolgirl|a lonely astronaut|a translator"
+)
+GOALS = _w(
+    "has to find her missing brother|tries to keep the family farm|returns home after twenty "
+    "years|falls for a rival chef|plans one last robbery|learns a secret about his father|"
+    "is followed by a stranger|enters a national baking contest|takes a job at a remote "
+    "observatory|inherits a crumbling hotel|coaches a hopeless hockey team|tries to clear "
+    "her name|travels across the country with a dog|joins a traveling circus|investigates a "
+    "string of fires|builds a boat to cross the sea|agrees to fake an engagement|goes "
+    "undercover in a cult|runs for mayor|searches for a lost recording|hides a fugitive in "
+    "the attic|competes in a dance marathon|tries to stop a corporate takeover|opens a "
+    "restaurant with an old friend|wakes up with no memory|writes letters to a prisoner|"
+    "smuggles books across the border|trains for a mountain climb|moves in with a "
+    "difficult grandmother|starts a pirate radio station"
+)
+SETTINGS = _w(
+    "a small fishing town|1970s Chicago|a space station|post-war Vienna|the Scottish "
+    "Highlands|a Texas border town|a Paris suburb|a snowed-in motel|Lagos in the 1990s|a "
+    "desert mining camp|an island off Norway|a boarding school|a Tokyo office tower|a "
+    "riverboat|the near future|a dying seaside resort|a Montreal winter|Depression-era Ohio|"
+    "a remote research base|a crowded hospital"
+)
+PLACES = _w(
+    "at a festival|on a long flight|with my family|on a rainy Sunday|at a late-night "
+    "screening|on a whim|with a group of friends|on my laptop|at the local cinema|after "
+    "reading the book|on opening night|with my kids|on a first date|at a drive-in"
+)
+
+# Aspects: subject phrases, marked plural with a trailing "*"; {lead}, {support},
+# {director}, {role} are filled from the film.
+SUBJECTS = {
+    "acting": _w(
+        "the acting|the cast*|the performances*|the ensemble|{lead}|{support}|{lead}'s "
+        "performance|the supporting cast|the chemistry between the leads|{support} as "
+        "{role2}|{lead} as {role}|the child actors*|the villain"
+    ),
+    "direction": _w(
+        "the direction|{director}'s direction|the staging|the filmmaking|{director}|the "
+        "editing|the tone|the action scenes*|the big set pieces*"
+    ),
+    "writing": _w(
+        "the script|the screenplay|the dialogue|the writing|the story|the plot|the "
+        "characters*|the ending|the twist|the humor|the jokes*|the premise|the central "
+        "mystery|the romance|the backstory|the subplot"
+    ),
+    "music": _w(
+        "the score|the soundtrack|the music|the sound design|the songs*|the theme|the "
+        "musical numbers*"
+    ),
+    "visuals": _w(
+        "the cinematography|the photography|the visuals*|the special effects*|the production "
+        "design|the costumes*|the camera work|the set design|the lighting|the locations*|the "
+        "color palette|the makeup"
+    ),
+    "pacing": _w(
+        "the pacing|the first hour|the second half|the middle act|the running time|the final "
+        "act|the opening scene|the climax|the last twenty minutes*|the build-up"
+    ),
+}
+ASPECTS = tuple(SUBJECTS)
+
+# Adjectives by valence: +2 strong praise, +1 mild praise, -1 mild, -2 strong criticism.
+GENERAL = {
+    2: _w(
+        "brilliant|superb|outstanding|magnificent|extraordinary|wonderful|excellent|fantastic|"
+        "amazing|stunning|remarkable|terrific|marvelous|flawless|masterful|great|breathtaking|"
+        "awesome|delightful|glorious|perfect|impressive|powerful|exquisite"
+    ),
+    1: _w(
+        "good|solid|decent|fine|nice|pleasant|charming|likable|engaging|enjoyable|effective|"
+        "competent|capable|respectable|thoughtful|lovely|warm|sincere|fun|clever|appealing|"
+        "confident|satisfying|polished|sweet|entertaining|worthwhile"
+    ),
+    -1: _w(
+        "weak|flat|bland|dull|uneven|clumsy|forgettable|tedious|awkward|predictable|tired|lazy|"
+        "muddled|disappointing|underwhelming|messy|lackluster|unfocused|poor|frustrating|dumb|"
+        "dreary|feeble|flawed|mediocre|boring|stale"
+    ),
+    -2: _w(
+        "terrible|awful|dreadful|horrible|atrocious|abysmal|painful|unbearable|pathetic|bad|"
+        "embarrassing|disastrous|insufferable|horrendous|dismal|lousy|miserable|ridiculous|"
+        "incompetent|idiotic|worthless|excruciating|pitiful|insulting"
+    ),
+}
+SPECIFIC = {
+    "acting": {
+        1: _w(
+            "convincing|nuanced|natural|believable|magnetic|committed|moving|heartfelt|"
+            "understated|fearless|layered|charismatic|touching"
+        ),
+        -1: _w(
+            "wooden|unconvincing|hammy|overwrought|stilted|one-note|bored|miscast|forced|"
+            "shrill|lifeless|annoying|weak|lousy|bad"
+        ),
+    },
+    "direction": {
+        1: _w("assured|inventive|controlled|bold|elegant|precise|imaginative|ambitious|sure"),
+        -1: _w(
+            "heavy-handed|aimless|confused|pretentious|self-indulgent|timid|chaotic|lazy|careless"
+        ),
+    },
+    "writing": {
+        1: _w(
+            "witty|sharp|smart|intelligent|funny|poignant|gripping|original|surprising|tight|"
+            "honest|hilarious|insightful|fresh"
+        ),
+        -1: _w(
+            "contrived|cliched|silly|confusing|incoherent|preachy|stupid|lame|cheesy|"
+            "nonsensical|pointless|boring|unfunny|far-fetched|dumb|bad|confused"
+        ),
+    },
+    "music": {
+        1: _w("haunting|rousing|memorable|lush|evocative|beautiful|catchy|gorgeous|stirring"),
+        -1: _w("intrusive|overbearing|generic|syrupy|repetitive|annoying|grating|irritating|bad"),
+    },
+    "visuals": {
+        1: _w("gorgeous|beautiful|striking|lush|vivid|elegant|immersive|inventive|lovely"),
+        -1: _w("murky|cheap|ugly|garish|shaky|dated|drab|chaotic|cheap-looking|poor"),
+    },
+    "pacing": {
+        1: _w("brisk|tight|gripping|tense|thrilling|exciting|riveting|lively|efficient"),
+        -1: _w("sluggish|slow|bloated|plodding|rushed|exhausting|endless|boring|tedious|dull"),
+    },
+}
+STRONG = _w("truly|incredibly|extremely|absolutely|remarkably|genuinely|utterly|simply|so")
+HEDGE = _w("quite|rather|fairly|somewhat|mostly|largely|a little|a bit|kind of|at times")
+# (singular present, plural present, past) verb phrases that praise or criticise.
+VERBS = {
+    1: (
+        ("shines", "shine", "shone"),
+        ("works", "work", "worked"),
+        ("delivers", "deliver", "delivered"),
+        ("impresses", "impress", "impressed"),
+        ("soars", "soar", "soared"),
+        ("succeeds", "succeed", "succeeded"),
+        ("delights", "delight", "delighted"),
+        ("entertains", "entertain", "entertained"),
+        ("lands every beat", "land every beat", "landed every beat"),
+        ("never misses a beat", "never miss a beat", "never missed a beat"),
+        ("steals the show", "steal the show", "stole the show"),
+        ("elevates the material", "elevate the material", "elevated the material"),
+    ),
+    -1: (
+        ("falls flat", "fall flat", "fell flat"),
+        ("drags", "drag", "dragged"),
+        ("misfires", "misfire", "misfired"),
+        ("fails", "fail", "failed"),
+        ("disappoints", "disappoint", "disappointed"),
+        ("bores", "bore", "bored"),
+        ("stumbles", "stumble", "stumbled"),
+        ("never comes together", "never come together", "never came together"),
+        ("goes nowhere", "go nowhere", "went nowhere"),
+        ("wears thin", "wear thin", "wore thin"),
+        ("sinks the film", "sink the film", "sank the film"),
+        ("ruins every scene", "ruin every scene", "ruined every scene"),
+    ),
+}
+# "I {verb} {subject}" (past tense: the reviewer has seen the film).
+LIKE = {
+    2: _w("loved|adored|was blown away by|was completely won over by|fell in love with"),
+    1: _w("liked|enjoyed|appreciated|admired|was charmed by|was impressed by"),
+    -1: _w(
+        "disliked|was bored by|was let down by|could not get into|was annoyed by|was "
+        "disappointed by|was frustrated by"
+    ),
+    -2: _w("hated|could not stand|was appalled by|despised|was embarrassed by|loathed"),
+}
+# "{subject} had me ..." / "left me ..."
+EFFECT = {
+    1: _w(
+        "on the edge of my seat|in tears|laughing out loud|smiling the whole way through|"
+        "hooked from the first scene|grinning|completely absorbed|guessing until the end|"
+        "cheering|in stitches|deeply moved|delighted"
+    ),
+    -1: _w(
+        "checking my watch|rolling my eyes|nodding off|groaning|wishing I had stayed home|"
+        "cringing|looking at my phone|wanting my money back|bored out of my mind|frustrated|"
+        "annoyed|disappointed"
+    ),
+}
+MONTHS = _w("January|March|May|June|August|October|December|Spring|Winter|Autumn")
+ADVERBS = {2: _w("brilliantly|beautifully|effortlessly|wonderfully"), -2: _w("badly|miserably")}
+SINGLE_WORD_VERBS = ("shines", "works", "delivers", "impresses", "succeeds", "fails", "drags")
+
+
+# ----------------------------------------------------------------------------- the film
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """One generated review: its text, the rating (1-10) the generator wrote it for, and
+    the tone that rating implies ("negative" 1-4, "mixed" 5-6, "positive" 7-10)."""
+
+    text: str
+    rating: int
+    tone: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Film:
+    title: str
+    other: str  # another made-up film, for comparisons
+    year: int
+    genre: str
+    director: str
+    lead: str
+    support: str
+    role: str  # "a retired boxer"
+    role2: str
+    setting: str
+    goal: str
+
+
+def tone_of(rating: int) -> str:
+    """IMDb's labelling rule (<= 4 negative, >= 7 positive), with 5-6 kept as "mixed"."""
+    return "negative" if rating <= 4 else "mixed" if rating <= 6 else "positive"
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
+
+
+def _the(role: str) -> str:
+    return "the " + role.split(" ", 1)[1]  # "a retired boxer" -> "the retired boxer"
+
+
+def _name(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+
+
+def _title(rng: random.Random) -> str:
+    adj, noun, noun2 = rng.choice(TITLE_ADJ), rng.choice(TITLE_NOUN), rng.choice(TITLE_NOUN)
+    return rng.choice(
+        (
+            f"The {adj} {noun}",
+            f"{adj} {noun}",
+            f"{noun} of the {adj} {noun2}",
+            f"{rng.choice(FIRST)}'s {noun}",
+            f"A {noun} in {rng.choice(MONTHS)}",
+            f"The {noun}",
+            f"{noun}s",
+        )
+    )
+
+
+def _film(rng: random.Random) -> _Film:
+    return _Film(
+        title=_title(rng),
+        other=_title(rng),
+        year=rng.randint(1968, 2024),
+        genre=rng.choice(GENRES),
+        director=_name(rng),
+        lead=_name(rng),
+        support=_name(rng),
+        role=rng.choice(ROLES),
+        role2=rng.choice(ROLES),
+        setting=rng.choice(SETTINGS),
+        goal=rng.choice(GOALS),
+    )
+
+
+# ----------------------------------------------------------------------------- remarks
+
+
+def _sign(valence: int) -> int:
+    return 1 if valence > 0 else -1
+
+
+def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
+    """A subject phrase about `aspect` and whether it is plural."""
+    text = rng.choice(SUBJECTS[aspect])
+    plural = text.endswith("*")
+    text = text.rstrip("*").format(
+        lead=film.lead,
+        support=film.support,
+        director=film.director,
+        role=_the(film.role),
+        role2=_the(film.role2),
+    )
+    return text, plural
+
+
+def _adjective(rng: random.Random, aspect: str, valence: int) -> str:
+    """Strong valences use the general strong words; mild ones mix general and aspect words."""
+    if abs(valence) == 2 or rng.random() < 0.4:
+        return rng.choice(GENERAL[valence])
+    return rng.choice(SPECIFIC[aspect][_sign(valence)])
+
+
+def _copula(rng: random.Random, plural: bool, past: bool) -> str:
+    forms = [("is", "are", "was", "were"), ("feels", "feel", "felt", "felt")]
+    forms += [("seems", "seem", "seemed", "seemed"), ("looks", "look", "looked", "looked")]
+    sg, pl, sg_past, pl_past = rng.choice(forms) if rng.random() < 0.4 else forms[0]
+    if past:
+        return pl_past if plural else sg_past
+    return pl if plural else sg
+
+
+def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
+    """One clause (no capital, no final punctuation) praising or criticising one aspect.
+
+    valence: +2 / +1 praise, -1 / -2 criticism (strength of the words used).
+    """
+    aspect = rng.choice(ASPECTS)
+    subject, plural = _subject(rng, film, aspect)
+    sign = _sign(valence)
+    frame = rng.random()
+    if frame < 0.42:  # "the score is truly haunting"
+        adj = _adjective(rng, aspect, valence)
+        if abs(valence) == 2 and rng.random() < 0.45:
+            adj = f"{rng.choice(STRONG)} {adj}"
+        elif abs(valence) == 1 and rng.random() < 0.35:
+            # "pretty" is a praise word to VADER, so it only hedges praise.
+            adj = f"{rng.choice(HEDGE + (('pretty',) if valence > 0 else ()))} {adj}"
+        if rng.random() < 0.25:  # two adjectives
+            adj = f"{adj} and {_adjective(rng, aspect, sign)}"
+        return f"{subject} {_copula(rng, plural, past)} {adj}"
+    if frame < 0.57:  # a negated opposite: "the script is never boring"
+        copula = ("were" if plural else "was") if past else ("are" if plural else "is")
+        negation = rng.choice(("not", "never", "hardly", "not exactly", "not at all"))
+        if negation == "not at all":
+            return f"{subject} {copula} not {_adjective(rng, aspect, -sign)} at all"
+        return f"{subject} {copula} {negation} {_adjective(rng, aspect, -sign)}"
+    if frame < 0.72:  # "the cast shines brilliantly"
+        sg, pl, past_form = rng.choice(VERBS[sign])
+        verb = past_form if past else pl if plural else sg
+        if abs(valence) == 2 and sg in SINGLE_WORD_VERBS and rng.random() < 0.7:
+            verb += " " + rng.choice(ADVERBS[valence])
+        return f"{subject} {verb}"
+    if frame < 0.87:  # "I loved the ending"
+        return f"I {rng.choice(LIKE[valence])} {subject}"
+    verb = rng.choice(("had me", "left me")) if past or plural else "has me"
+    return f"{subject} {verb} {rng.choice(EFFECT[sign])}"
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _end(rng: random.Random, valence: int) -> str:
+    if abs(valence) == 2 and rng.random() < 0.3:
+        return rng.choice(("!", "!", "!!"))
+    return "..." if rng.random() < 0.04 else "."
+
+
+def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bool) -> str:
+    """Two remarks of opposite sign; `second` is the one the sentence lands on."""
+    a, b = _remark(rng, film, first, past), _remark(rng, film, second, past)
+    form = rng.randrange(6)
+    if form == 0:
+        return f"{_cap(a)}, but {b}."
+    if form == 1:
+        return f"Although {a}, {b}."
+    if form == 2:
+        return f"While {a}, {b}."
+    if form == 3:
+        word = "unfortunately" if second < 0 else rng.choice(("still", "even so", "thankfully"))
+        return f"{_cap(a)}; {word}, {b}."
+    if form == 4:
+        return f"{_cap(b)}, though {a}."  # "though" concedes the clause after it
+    return f"Sure, {a}, but {b}."
+
+
+def _concession(rng: random.Random, film: _Film, sign: int, past: bool) -> str:
+    """A positive review's one flaw (sign > 0) or a negative review's one bright spot."""
+    aspect = rng.choice(ASPECTS)
+    subject, _ = _subject(rng, film, aspect)
+    if sign > 0:
+        what = rng.choice(("weak spot", "real flaw", "problem", "complaint", "misstep"))
+        tail = rng.choice(("", f", which {'was' if past else 'is'} {_adjective(rng, aspect, -1)}"))
+        return f"My only {what} is {subject}{tail}."
+    what = rng.choice(("bright spot", "saving grace", "good thing", "redeeming feature"))
+    return f"The only {what} is {subject}{_one(rng, '|, and even that is not enough')}."
+
+
+# Sentence frames: "[a|b]" picks one alternative (innermost brackets first), then the
+# {slots} of `_slots` are filled. Keyed by valence where the frame praises or criticises.
+OPENINGS = {
+    0: (
+        "{title} ({year}) is {a_genre} from director {director}.",
+        "{title} is {director}'s [latest|third|first|new|long-awaited|second] film, {a_genre} "
+        "set in {setting}.",
+        "I watched {title} {place}.",
+        "I went into {title} with [low|high|modest|no|mixed] expectations.",
+        "{director}'s {title} is {a_genre} starring {lead} and {support}.",
+        "So I finally [saw|caught up with|got around to] {title}.",
+        "[Last night|Yesterday|Over the weekend|A few days ago] I [watched|saw|rented] {title}.",
+        "{title} came out in {year}, and I only [now|just|recently] got to see it.",
+    ),
+    1: (
+        "{title} is {a_adj} {genre}{end}",
+        "What {a_adj} {genre}{end}",
+        "{title} is one of the best {genre}s I have seen [in years|this decade|in a long "
+        "time|all year].",
+        "{director}'s {title} is {a_adj} piece of work{end}",
+        "{title} ({year}) turned out to be {a_adj} surprise.",
+        "[Finally|At last], {a_adj} {genre}{end}",
+    ),
+    -1: (
+        "{title} is {a_adj} {genre}{end}",
+        "What {a_adj} {genre}{end}",
+        "{title} is one of the worst {genre}s I have seen [in years|this decade|in a long "
+        "time|all year].",
+        "{director}'s {title} is {a_adj} piece of work{end}",
+        "I [wanted|tried|really wanted] to like {title}.",
+        "{title} ({year}) is {a_adj} [mess|letdown|disappointment].",
+    ),
+}
+PLOTS = (
+    "The story follows {role} who {goal}.",
+    "{lead} plays {role} who {goal} in {setting}.",
+    "Set in {setting}, it follows {role} who {goal}.",
+    "The plot: {role} {goal}.",
+    "{lead} stars as {the_role}, and {support} plays {role2}.",
+    "It is about {role} in {setting} who {goal}.",
+    "In {setting}, {role} ({lead}) {goal}.",
+    "{lead} is {role} who {goal}; {support} is {role2} [who gets in the way|who helps|with "
+    "secrets of [her|his] own].",
+)
+ASIDES = (
+    "I saw it {place}.",
+    "It runs [about two hours|just under ninety minutes|almost three hours|104 minutes].",
+    "It is based on a [novel|play|true story|short story] by {name}.",
+    "{director} also wrote the script.",
+    "It was filmed in {setting}.",
+    "My [wife|husband|friend|brother|daughter|roommate] picked it.",
+    "This is {lead}'s [first|second|tenth] lead role.",
+    "[The trailer|The poster] [gives away|gives no hint of] [the ending|what kind of film it is].",
+)
+COMPARISONS = {
+    1: (
+        "It is [far|much|a little] better than {other}.",
+        "Fans of {other} will [love it|feel right at home|find plenty to enjoy].",
+        "It reminded me of {other}, [only better|in the best way].",
+        "Compared with {director}'s earlier {other}, it is a big step forward.",
+        "It is no {other}, but it has its moments.",
+        "Think {other} with [more heart|better jokes|a sharper script].",
+    ),
+    -1: (
+        "It is [far|much|a little] worse than {other}.",
+        "Fans of {other} will [be disappointed|find little here|want their money back].",
+        "It reminded me of {other}, [but without its charm|only duller|in the worst way].",
+        "Compared with {director}'s earlier {other}, it feels like a step backward.",
+        "It is no {other}, and it is not even close.",
+        "Watch {other} instead.",
+    ),
+}
+RECOMMENDATIONS = {
+    2: (
+        "I would [highly|strongly|definitely] recommend it to {fan}.",
+        "Go see it [on the biggest screen you can find|as soon as you can|twice]!",
+        "Do not miss it.",
+        "A must-see.",
+        "Do yourself a favor and watch it.",
+    ),
+    1: (
+        "Worth [a look|a rental|your time|the price of a ticket].",
+        "I would recommend it to {fan}.",
+        "A good choice for [a quiet evening|a family night|a long flight].",
+    ),
+    -1: (
+        "Wait for it to show up on streaming.",
+        "Skip this one unless you are a die-hard fan of {lead}.",
+        "Hard to recommend.",
+        "Not worth the price of a ticket.",
+    ),
+    -2: (
+        "Save your money.",
+        "Avoid it at all costs.",
+        "Do not waste your time.",
+        "I cannot recommend it to anyone.",
+        "Skip it, and watch {other} instead.",
+        "A [complete|total] waste of time.",
+        "[Easily|Truly|Hands down] the worst film I have seen [this year|in ages].",
+    ),
+}
+_ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> str:
+    """`template` with its [a|b] alternatives chosen and its {slots} filled from `film`."""
+    while True:
+        template, n = _ALTERNATIVES.subn(lambda m: rng.choice(m.group(1).split("|")), template)
+        if not n:
+            break
+    adj = rng.choice(GENERAL[valence]) if valence else ""
+    return template.format(
+        title=film.title,
+        other=film.other,
+        year=film.year,
+        genre=film.genre,
+        a_genre=_a(film.genre),
+        director=film.director,
+        lead=film.lead,
+        support=film.support,
+        role=film.role,
+        the_role=_the(film.role),
+        role2=film.role2,
+        setting=film.setting,
+        goal=film.goal,
+        place=rng.choice(PLACES),
+        name=_name(rng),
+        fan=_one(rng, f"fans of {film.lead}|anyone who likes {film.genre}s|the whole family"),
+        a_adj=_a(adj) if adj else "",
+        end=_end(rng, valence),
+    )
+
+
+def _frame(rng: random.Random, frames: tuple[str, ...], film: _Film, valence: int = 0) -> str:
+    return _fill(rng, rng.choice(frames), film, valence)
+
+
+def _verdict(rng: random.Random, film: _Film, rating: int) -> str:
+    form = rng.randrange(5)
+    if form == 0:
+        return f"{rating}/10."
+    if form == 1:
+        return f"{_one(rng, 'My rating|Rating|Score')}: {rating} out of 10."
+    if form == 2:
+        stars = max(1, round(rating / 2))
+        return f"{stars} {'star' if stars == 1 else 'stars'} out of 5."
+    if rating in (5, 6):
+        good, bad = rng.choice(GENERAL[1]), rng.choice(GENERAL[-1])
+        return f"Overall, {_a(good)} but {bad} {film.genre}."
+    valence = (2 if rating >= 9 else 1) if rating > 6 else (-2 if rating <= 2 else -1)
+    adj = rng.choice(GENERAL[valence])
+    if form == 3:
+        return f"Overall, {_a(adj)} {film.genre}{_end(rng, valence)}"
+    return f"In short: {adj}{_end(rng, valence)}"
+
+
+# ----------------------------------------------------------------------------- reviews
+
+# P(a remark praises) and P(a remark uses strong words), by rating.
+P_PRAISE = {1: 0.03, 2: 0.07, 3: 0.15, 4: 0.25, 5: 0.42, 6: 0.58, 7: 0.75, 8: 0.85, 9: 0.93}
+P_PRAISE[10] = 0.97
+P_STRONG = {1: 0.75, 2: 0.55, 3: 0.3, 4: 0.15, 5: 0.1, 6: 0.1, 7: 0.15, 8: 0.3, 9: 0.55, 10: 0.75}
+
+
+def _valence(rng: random.Random, rating: int) -> int:
+    sign = 1 if rng.random() < P_PRAISE[rating] else -1
+    return sign * (2 if rng.random() < P_STRONG[rating] else 1)
+
+
+def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, contrast: bool) -> str:
+    """One sentence of a review's body: remarks, a contrast, a concession, a comparison."""
+    kind = rng.random()
+    if contrast or kind < 0.15:
+        v = _valence(rng, rating)
+        first = -_sign(v) * rng.choice((1, 1, 2))
+        return _contrast(rng, film, first, v, past)
+    if kind < 0.22 and tone_of(rating) != "mixed":
+        return _concession(rng, film, 1 if rating > 5 else -1, past)
+    if kind < 0.3:
+        return _frame(rng, COMPARISONS[_sign(_valence(rng, rating))], film)
+    if kind < 0.36:
+        return _frame(rng, ASIDES, film)
+    v = _valence(rng, rating)
+    if kind < 0.45:  # two remarks in one sentence
+        a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
+        return f"{_cap(a)}{_one(rng, ', and|;| and')} {b}{_end(rng, v)}"
+    return _cap(_remark(rng, film, v, past)) + _end(rng, v)
+
+
+def _review(rng: random.Random) -> Review:
+    rating = rng.choices(list(RATING_WEIGHTS), weights=list(RATING_WEIGHTS.values()))[0]
+    tone = tone_of(rating)
+    film, past = _film(rng), rng.random() < 0.4
+    n = rng.randint(2, 6)
+    head, tail = [], []
+    if rng.random() < 0.75:
+        v = 0 if rng.random() < 0.6 else _valence(rng, rating)
+        head.append(_frame(rng, OPENINGS[v and _sign(v)], film, v))
+    if n - len(head) >= 3 and rng.random() < 0.55:
+        head.append(_frame(rng, PLOTS, film))
+    if n - len(head) >= 2 and rng.random() < 0.6:
+        kind = rng.random()
+        if kind < 0.5:
+            tail.append(_frame(rng, RECOMMENDATIONS[_valence(rng, rating)], film))
+        if kind >= 0.35:
+            tail.append(_verdict(rng, film, rating))
+    body = []
+    for _ in range(max(1, n - len(head) - len(tail))):
+        # Mixed reviews open their body with praise against criticism.
+        contrast = tone == "mixed" and not body
+        for _ in range(20):  # a sentence said twice in one review reads as a glitch
+            sentence = _body_sentence(rng, film, rating, past, contrast)
+            if sentence not in head + body + tail:
+                break
+        body.append(sentence)
+    return Review(" ".join(head + body + tail), rating, tone)
+
+
+def generate_reviews(num_reviews: int, seed: int) -> list[Review]:
+    """`num_reviews` reviews, a pure function of (num_reviews, seed) (Python's `random`).
+
+    A prefix of a longer run is the shorter run, as in `synthetic.make_preference_records`.
+    """
+    if num_reviews < 0:
+        raise ValueError(f"num_reviews must be >= 0, got {num_reviews}")
+    rng = random.Random(seed)
+    return [_review(rng) for _ in range(num_reviews)]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# Byte-level BPE starts from all 256 bytes, so any text encodes without <unk>.
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+
+def write_review_tokenizer(path: str | os.PathLike, texts: Sequence[str], vocab_size: int = 2048):
+    """Trains a byte-level BPE tokenizer on `texts`, writes it to directory `path`; returns
+    the path.
+
+    Token ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk> (as `synthetic.build_char_tokenizer`), then
+    the 256 byte symbols and the learned merges, up to `vocab_size` (>= 260). GPT-2's
+    pre-tokenization puts a word's leading space inside its first token, so decoding any run
+    of a text's tokens gives back exactly that run of the text: a prompt decoded alone plus
+    its completion decoded alone is the review. Encoding adds BOS in front and never EOS,
+    like Llama's tokenizers. The `tokenizers` BPE trainer breaks ties between equally
+    frequent pairs by the pair itself, so the same texts give byte-identical files.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (4 specials + 256 bytes)")
+    if not texts:
+        raise ValueError("no texts to train the tokenizer on")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        add_bos_token=True,
+        add_eos_token=False,
+        # Would turn " ." into "." on decode, and then a decoded review is not the review.
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    path = os.fspath(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewCorpus:
+    """The files `write_review_corpus` wrote: SFT-format JSONL splits and the tokenizer."""
+
+    train_path: str
+    test_path: str
+    tokenizer_path: str
+
+
+def _derived_seed(seed: int, split: str) -> int:
+    digest = hashlib.sha256(f"dpo_jax.reviews:{seed}:{split}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _records(reviews: Sequence[Review]) -> list[dict]:
+    return [
+        {"prompt": "", "completion": r.text, "rating": r.rating, "tone": r.tone} for r in reviews
+    ]
+
+
+def write_review_corpus(
+    directory: str | os.PathLike,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    *,
+    vocab_size: int = 2048,
+) -> ReviewCorpus:
+    """Writes <directory>/{train.jsonl, test.jsonl, tokenizer/, corpus.json}; returns paths.
+
+    Train and test reviews come from two seeds derived from `seed`; a test review whose text
+    is also a training review is replaced by the next one drawn, so the test split is
+    held out. The tokenizer is trained on the training texts. corpus.json, written last,
+    records the arguments: a rerun with the same arguments finds it and writes nothing, a
+    run that was killed midway (no corpus.json) or had other arguments writes everything
+    again (byte-identical for the same arguments).
+    """
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
+    directory = os.fspath(directory)
+    corpus = ReviewCorpus(
+        train_path=os.path.join(directory, "train.jsonl"),
+        test_path=os.path.join(directory, "test.jsonl"),
+        tokenizer_path=os.path.join(directory, "tokenizer"),
+    )
+    manifest_path = os.path.join(directory, "corpus.json")
+    manifest = {
+        "generator": "dpo_jax.data.reviews",
+        "num_train": num_train,
+        "num_test": num_test,
+        "seed": seed,
+        "vocab_size": vocab_size,
+    }
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            if json.load(f) == manifest and all(
+                os.path.exists(p) for p in dataclasses.astuple(corpus)
+            ):
+                return corpus
+        os.remove(manifest_path)  # stale: the files below are about to change
+    train = generate_reviews(num_train, _derived_seed(seed, "train"))
+    seen = {r.text for r in train}
+    rng, test = random.Random(_derived_seed(seed, "test")), []
+    while len(test) < num_test:
+        review = _review(rng)
+        if review.text not in seen:
+            seen.add(review.text)
+            test.append(review)
+    write_jsonl(_records(train), corpus.train_path)
+    write_jsonl(_records(test), corpus.test_path)
+    write_review_tokenizer(corpus.tokenizer_path, [r.text for r in train], vocab_size)
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return corpus
