@@ -73,30 +73,40 @@ FIRST = _w(
     "Ada|Alma|Anton|Ari|Beatrix|Bruno|Cal|Camille|Cyrus|Dalia|Dev|Edith|Elio|Esme|Felix|"
     "Flora|Gideon|Greta|Hal|Hana|Ines|Ivo|Jonah|June|Kasimir|Kit|Lena|Leopold|Lior|Mabel|"
     "Marek|Mira|Nadia|Nico|Odile|Omar|Petra|Quentin|Rafe|Rosa|Saul|Selma|Soren|Tamsin|Theo|"
-    "Ulla|Vera|Viktor|Wren|Yusuf|Zelda|Zora"
+    "Ulla|Vera|Viktor|Wren|Yusuf|Zelda|Zora|Agnes|Bram|Clio|Dmitri|Eun|Farida|Gus|Hugo|Isolde|"
+    "Jarek|Kiri|Lucia|Matteo|Noor|Oskar|Paloma|Rhea|Stellan|Tova|Umar|Valentin|Wanda|Xavier|Yara|"
+    "Aurelio|Bettina|Cosmo|Delphine|Emeric|Fenna"
 )
 LAST = _w(
     "Abernathy|Alvarez|Brandt|Castellane|Dunmore|Ekdahl|Falconer|Ferro|Galloway|Hadley|"
     "Halvorsen|Ibsen|Jankowski|Kessler|Laine|Lindqvist|Marchetti|Morrow|Nakamura|Novak|"
     "Okafor|Ortega|Pellham|Quarry|Ravel|Rourke|Salgado|Sandoval|Szabo|Tanaka|Thorne|Ulrich|"
     "Vance|Varga|Whitlock|Winslow|Yardley|Zamora|Blackwood|Coutinho|Delacroix|Eastman|"
-    "Fairbanks|Greer|Holloway|Iverson|Kowalski|Lachance|Mbeki|Osei"
+    "Fairbanks|Greer|Holloway|Iverson|Kowalski|Lachance|Mbeki|Osei|Ashgrove|Bellweather|Cardoso|"
+    "Dragomir|Esterhazy|Fontaine|Grunwald|Haddad|Ilves|Jovanovic|Kristof|Lunde|Moreau|Nilsen|"
+    "Oyelaran|Petrakis|Quint|Rasmussen|Strand|Tavares|Underhill|Voss|Wakefield|Xu|Yilmaz|Zeller"
 )
 TITLE_ADJ = _w(
     "Silent|Last|Crimson|Hollow|Distant|Quiet|Golden|Iron|Midnight|Paper|Glass|Winter|"
     "Northern|Velvet|Seventh|Long|Empty|Burning|Hidden|Salt|Copper|Amber|Narrow|Blue|Wild|"
-    "Second|Pale|Far|Little|Summer"
+    "Second|Pale|Far|Little|Summer|Broken|Secret|Sleeping|Crooked|Lonely|Hungry|Frozen|Painted|"
+    "Restless|Sunken|Electric|Borrowed|Marble|Scarlet|Drowned|Lucky|Stolen|Eastern|Open|Red"
 )
 TITLE_NOUN = _w(
     "Harbor|Orchard|Frontier|Witness|Lantern|Signal|Garden|Shore|Machine|Kingdom|Road|River|"
     "Hour|Station|Season|Echo|Border|Archive|Tide|Mountain|Island|Letter|Compass|Engine|"
-    "Carnival|Lighthouse|Orbit|Canyon|Ballroom|Parade|Meridian|Harvest|Circuit|Market"
+    "Carnival|Lighthouse|Orbit|Canyon|Ballroom|Parade|Meridian|Harvest|Circuit|Market|Cathedral|"
+    "Ferry|Violin|Chorus|Forest|Winter|Summer|Mirror|Bridge|Desert|Paradise|Hotel|Factory|Comet|"
+    "Monsoon|Avenue|Alibi|Saint|Ghost|Crossing|Horizon|Quarry|Tower"
 )
 GENRES = _w(
     "thriller|romantic comedy|western|horror film|documentary|heist movie|family drama|"
     "science fiction film|war film|musical|coming-of-age story|animated feature|crime drama|"
     "mystery|period piece|satire|road movie|courtroom drama|ghost story|sports drama|"
-    "spy thriller|disaster movie|biopic|fantasy adventure|psychological thriller|black comedy"
+    "spy thriller|disaster movie|biopic|fantasy adventure|psychological thriller|black comedy|"
+    "slasher|costume drama|space opera|film noir|buddy comedy|monster movie|political thriller|"
+    "dance film|mockumentary|historical epic|teen comedy|martial arts film|survival thriller|"
+    "time-travel story|chamber piece|legal thriller|creature feature|animated musical"
 )
 ROLES = _w(
     "a retired boxer|a young nurse|a small-town sheriff|a disillusioned teacher|"
@@ -105,7 +115,14 @@ ROLES = _w(
     "a stubborn journalist|an aging rock star|a night-shift taxi driver|a country doctor|"
     "a struggling novelist|a chess prodigy|a lighthouse keeper|an out-of-work actor|"
     "a grieving father|a con artist|a marine biologist|a hotel concierge|a union organizer|"
-    "a factory worker|a schoolgirl|a lonely astronaut|a translator"
+    "a factory worker|a schoolgirl|a lonely astronaut|a translator|a burned-out surgeon|"
+    "a small-time magician|an immigrant baker|a disgraced politician|a shy librarian|"
+    "a former child star|a cattle rancher|a wedding photographer|a ghostwriter|"
+    "an insurance investigator|a mountain guide|a retired judge|a street musician|"
+    "a fading opera singer|a fisherman's widow|a cynical war reporter|a college dropout|"
+    "a hospice nurse|a hotel maid|a car thief|a mapmaker|a beekeeper|a stand-up comedian|"
+    "a prison guard|a ferry captain|a piano tuner|a forger|a park ranger|a radio host|"
+    "an antiques dealer"
 )
 GOALS = _w(
     "has to find her missing brother|tries to keep the family farm|returns home after twenty "
@@ -118,19 +135,39 @@ GOALS = _w(
     "the attic|competes in a dance marathon|tries to stop a corporate takeover|opens a "
     "restaurant with an old friend|wakes up with no memory|writes letters to a prisoner|"
     "smuggles books across the border|trains for a mountain climb|moves in with a "
-    "difficult grandmother|starts a pirate radio station"
+    "difficult grandmother|starts a pirate radio station|sets out to find his birth mother|"
+    "must deliver a mysterious package|fakes his own death|hunts for a buried fortune|"
+    "tries to win back his ex-wife|discovers a body in the lake|takes over a failing newspaper|"
+    "teaches music at a prison|is haunted by a childhood friend|runs a rescue on a frozen lake|"
+    "agrees to babysit a gangster's son|gets stuck in a time loop|organizes a strike at the mill|"
+    "tracks a wolf across the valley|tries to save a closing cinema|"
+    "forms a band with three strangers|sails around the world alone|"
+    "loses everything in a card game|adopts a stray circus bear|"
+    "uncovers a plot inside the city council|falls asleep and wakes up in 1955|"
+    "drives a stolen hearse to the coast|sets up a detective agency|"
+    "returns to the island where her sister vanished|testifies against her own family|"
+    "builds a robot for the science fair|walks the length of the country|"
+    "trades places with a lookalike|opens a bookshop in a ghost town|"
+    "tries to finish his late father's symphony"
 )
 SETTINGS = _w(
     "a small fishing town|1970s Chicago|a space station|post-war Vienna|the Scottish "
     "Highlands|a Texas border town|a Paris suburb|a snowed-in motel|Lagos in the 1990s|a "
     "desert mining camp|an island off Norway|a boarding school|a Tokyo office tower|a "
     "riverboat|the near future|a dying seaside resort|a Montreal winter|Depression-era Ohio|"
-    "a remote research base|a crowded hospital"
+    "a remote research base|a crowded hospital|a Welsh mining village|1960s Havana|"
+    "a generation ship|medieval Prague|a Louisiana bayou|a Berlin nightclub|a lighthouse island|"
+    "a Mumbai film studio|an Alaskan cannery|a Swiss sanatorium|a New Jersey diner|colonial Java|"
+    "a Siberian train|a floating city|the Roman Empire|a Brooklyn brownstone|"
+    "a frozen Arctic outpost|a vineyard in Chile|a 1980s shopping mall|an abandoned theme park"
 )
 PLACES = _w(
     "at a festival|on a long flight|with my family|on a rainy Sunday|at a late-night "
     "screening|on a whim|with a group of friends|on my laptop|at the local cinema|after "
-    "reading the book|on opening night|with my kids|on a first date|at a drive-in"
+    "reading the book|on opening night|with my kids|on a first date|at a drive-in|"
+    "on a Tuesday matinee|at a sold-out premiere|on an old DVD|on a plane with bad headphones|"
+    "at my grandmother's house|during a snowstorm|at a film club|on a train|in an empty theater|"
+    "at a midnight show"
 )
 
 # Aspects: subject phrases, marked plural with a trailing "*"; {lead}, {support},
@@ -139,29 +176,38 @@ SUBJECTS = {
     "acting": _w(
         "the acting|the cast*|the performances*|the ensemble|{lead}|{support}|{lead}'s "
         "performance|the supporting cast|the chemistry between the leads|{support} as "
-        "{role2}|{lead} as {role}|the child actors*|the villain"
+        "{role2}|{lead} as {role}|the child actors*|the villain|the young lead|the narrator|"
+        "the voice cast*|the henchmen*|the two leads*|the cameo by {name}|{support}'s sidekick"
     ),
     "direction": _w(
         "the direction|{director}'s direction|the staging|the filmmaking|{director}|the "
-        "editing|the tone|the action scenes*|the big set pieces*"
+        "editing|the tone|the action scenes*|the big set pieces*|the framing|the long takes*|"
+        "the fight choreography|the camera movement|the handling of the big reveal|"
+        "the crowd scenes*|the mood"
     ),
     "writing": _w(
         "the script|the screenplay|the dialogue|the writing|the story|the plot|the "
         "characters*|the ending|the twist|the humor|the jokes*|the premise|the central "
-        "mystery|the romance|the backstory|the subplot"
+        "mystery|the romance|the backstory|the subplot|the first act|the monologues*|"
+        "the flashbacks*|the narration|the message|the satire|the world-building|"
+        "the third-act reveal|the love triangle|the villain's motives*|the one-liners*"
     ),
     "music": _w(
         "the score|the soundtrack|the music|the sound design|the songs*|the theme|the "
-        "musical numbers*"
+        "musical numbers*|the opening song|the choir|the needle drops*|the main theme|"
+        "the piano score|the dance numbers*|the title song"
     ),
     "visuals": _w(
         "the cinematography|the photography|the visuals*|the special effects*|the production "
         "design|the costumes*|the camera work|the set design|the lighting|the locations*|the "
-        "color palette|the makeup"
+        "color palette|the makeup|the creature design|the CGI|the animation|the aerial shots*|"
+        "the stunts*|the production values*|the period detail|the framing of the landscapes*"
     ),
     "pacing": _w(
         "the pacing|the first hour|the second half|the middle act|the running time|the final "
-        "act|the opening scene|the climax|the last twenty minutes*|the build-up"
+        "act|the opening scene|the climax|the last twenty minutes*|the build-up|"
+        "the opening twenty minutes*|the epilogue|the training montage|the chase sequence|"
+        "the last act|the slow burn|the rhythm of the edit"
     ),
 }
 ASPECTS = tuple(SUBJECTS)
@@ -171,22 +217,28 @@ GENERAL = {
     2: _w(
         "brilliant|superb|outstanding|magnificent|extraordinary|wonderful|excellent|fantastic|"
         "amazing|stunning|remarkable|terrific|marvelous|flawless|masterful|great|breathtaking|"
-        "awesome|delightful|glorious|perfect|impressive|powerful|exquisite"
+        "awesome|delightful|glorious|perfect|impressive|powerful|exquisite|spectacular|astonishing|"
+        "spellbinding|sensational|first-rate|top-notch|unforgettable|superlative|splendid|"
+        "beautiful|inspired"
     ),
     1: _w(
         "good|solid|decent|fine|nice|pleasant|charming|likable|engaging|enjoyable|effective|"
         "competent|capable|respectable|thoughtful|lovely|warm|sincere|fun|clever|appealing|"
-        "confident|satisfying|polished|sweet|entertaining|worthwhile"
+        "confident|satisfying|polished|sweet|entertaining|worthwhile|agreeable|graceful|tender|"
+        "handsome|neat|crisp|smooth|genial|spirited|affecting|interesting|admirable|welcome|"
+        "promising"
     ),
     -1: _w(
         "weak|flat|bland|dull|uneven|clumsy|forgettable|tedious|awkward|predictable|tired|lazy|"
         "muddled|disappointing|underwhelming|messy|lackluster|unfocused|poor|frustrating|dumb|"
-        "dreary|feeble|flawed|mediocre|boring|stale"
+        "dreary|feeble|flawed|mediocre|boring|stale|generic|hackneyed|derivative|overlong|joyless|"
+        "limp|overstuffed|toothless|listless|formulaic|sad|annoying|silly|irritating"
     ),
     -2: _w(
         "terrible|awful|dreadful|horrible|atrocious|abysmal|painful|unbearable|pathetic|bad|"
         "embarrassing|disastrous|insufferable|horrendous|dismal|lousy|miserable|ridiculous|"
-        "incompetent|idiotic|worthless|excruciating|pitiful|insulting"
+        "incompetent|idiotic|worthless|excruciating|pitiful|insulting|inept|unwatchable|amateurish|"
+        "shambolic|putrid|catastrophic|hateful|offensive|stupid|agonizing|woeful|appalling"
     ),
 }
 SPECIFIC = {
@@ -345,7 +397,7 @@ def _title(rng: random.Random) -> str:
             f"{rng.choice(FIRST)}'s {noun}",
             f"A {noun} in {rng.choice(MONTHS)}",
             f"The {noun}",
-            f"{noun}s",
+            f"{noun}es" if noun.endswith("s") else f"{noun}s",
         )
     )
 
@@ -383,6 +435,7 @@ def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
         director=film.director,
         role=_the(film.role),
         role2=_the(film.role2),
+        name=_name(rng) if "{name}" in text else "",
     )
     return text, plural
 
@@ -403,6 +456,10 @@ def _copula(rng: random.Random, plural: bool, past: bool) -> str:
     return pl if plural else sg
 
 
+def _be(plural: bool, past: bool) -> str:
+    return ("were" if plural else "was") if past else ("are" if plural else "is")
+
+
 def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
     """One clause (no capital, no final punctuation) praising or criticising one aspect.
 
@@ -412,32 +469,44 @@ def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
     subject, plural = _subject(rng, film, aspect)
     sign = _sign(valence)
     frame = rng.random()
-    if frame < 0.42:  # "the score is truly haunting"
+    if frame < 0.32:  # "the score is truly haunting"
         adj = _adjective(rng, aspect, valence)
         if abs(valence) == 2 and rng.random() < 0.45:
             adj = f"{rng.choice(STRONG)} {adj}"
+        elif abs(valence) == 2 and rng.random() < 0.08:
+            adj = adj.upper()  # shouting, which VADER also reads as emphasis
         elif abs(valence) == 1 and rng.random() < 0.35:
             # "pretty" is a praise word to VADER, so it only hedges praise.
             adj = f"{rng.choice(HEDGE + (('pretty',) if valence > 0 else ()))} {adj}"
         if rng.random() < 0.25:  # two adjectives
             adj = f"{adj} and {_adjective(rng, aspect, sign)}"
         return f"{subject} {_copula(rng, plural, past)} {adj}"
-    if frame < 0.57:  # a negated opposite: "the script is never boring"
-        copula = ("were" if plural else "was") if past else ("are" if plural else "is")
+    if frame < 0.44:  # a negated opposite: "the script is never boring"
+        be = _be(plural, past)
         negation = rng.choice(("not", "never", "hardly", "not exactly", "not at all"))
         if negation == "not at all":
-            return f"{subject} {copula} not {_adjective(rng, aspect, -sign)} at all"
-        return f"{subject} {copula} {negation} {_adjective(rng, aspect, -sign)}"
-    if frame < 0.72:  # "the cast shines brilliantly"
+            return f"{subject} {be} not {_adjective(rng, aspect, -sign)} at all"
+        return f"{subject} {be} {negation} {_adjective(rng, aspect, -sign)}"
+    if frame < 0.56:  # "the cast shines brilliantly"
         sg, pl, past_form = rng.choice(VERBS[sign])
         verb = past_form if past else pl if plural else sg
         if abs(valence) == 2 and sg in SINGLE_WORD_VERBS and rng.random() < 0.7:
             verb += " " + rng.choice(ADVERBS[valence])
         return f"{subject} {verb}"
-    if frame < 0.87:  # "I loved the ending"
+    if frame < 0.68:  # "I loved the ending"
         return f"I {rng.choice(LIKE[valence])} {subject}"
-    verb = rng.choice(("had me", "left me")) if past or plural else "has me"
-    return f"{subject} {verb} {rng.choice(EFFECT[sign])}"
+    if frame < 0.76:  # "the ending had me in tears"
+        verb = rng.choice(("had me", "left me")) if past or plural else "has me"
+        return f"{subject} {verb} {rng.choice(EFFECT[sign])}"
+    if frame < 0.88:  # "every joke lands"
+        return _fill(rng, rng.choice(IDIOMS[aspect][sign]), film)
+    if frame < 0.96:  # "the villain is a real gem"
+        noun = rng.choice(NOUNS[valence])
+        if rng.random() < 0.4:
+            noun = f"{rng.choice(NOUN_MODIFIERS[sign])} {noun}"
+        return f"{subject} {_be(plural, past)} {_a(noun)}"
+    part = _one(rng, "best|strongest|most memorable" if sign > 0 else "worst|weakest")
+    return f"{subject} {_be(plural, past)} the {part} part of the film"
 
 
 def _cap(text: str) -> str:
@@ -453,7 +522,7 @@ def _end(rng: random.Random, valence: int) -> str:
 def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bool) -> str:
     """Two remarks of opposite sign; `second` is the one the sentence lands on."""
     a, b = _remark(rng, film, first, past), _remark(rng, film, second, past)
-    form = rng.randrange(6)
+    form = rng.randrange(9)
     if form == 0:
         return f"{_cap(a)}, but {b}."
     if form == 1:
@@ -465,6 +534,12 @@ def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bo
         return f"{_cap(a)}; {word}, {b}."
     if form == 4:
         return f"{_cap(b)}, though {a}."  # "though" concedes the clause after it
+    if form == 5:
+        return f"Even though {a}, {b}."
+    if form == 6:
+        return f"{_cap(a)}; on the other hand, {b}."
+    if form == 7:
+        return f"{_cap(a)}, yet {b}."
     return f"Sure, {a}, but {b}."
 
 
@@ -569,6 +644,8 @@ RECOMMENDATIONS = {
         "Wait for it to show up on streaming.",
         "Skip this one unless you are a die-hard fan of {lead}.",
         "Hard to recommend.",
+        "I would not recommend it.",
+        "[Only|Strictly] for die-hard fans of {lead}, and even they may be disappointed.",
         "Not worth the price of a ticket.",
     ),
     -2: (
@@ -581,6 +658,134 @@ RECOMMENDATIONS = {
         "[Easily|Truly|Hands down] the worst film I have seen [this year|in ages].",
     ),
 }
+# Whole clauses about one aspect, by aspect and sign.
+IDIOMS = {
+    "acting": {
+        1: (
+            "{lead} gives [a career-best|a wonderful|a quietly powerful|an unforgettable|a "
+            "fearless] performance",
+            "{lead} is [perfectly|ideally|brilliantly] cast as {the_role}",
+            "{support} makes the most of a small role",
+            "{lead} and {support} have [real|easy|wonderful] chemistry",
+            "you believe every word {lead} says",
+        ),
+        -1: (
+            "{lead} gives [a flat|a wooden|a lazy|an awful|a bored] performance",
+            "{lead} is [badly|hopelessly|completely] miscast as {the_role}",
+            "{support} is wasted in a thankless role",
+            "{lead} and {support} have no chemistry at all",
+            "{lead} seems to be reading the lines off a card",
+        ),
+    },
+    "direction": {
+        1: (
+            "{director} keeps a firm grip on the material",
+            "{director} knows exactly where to put the camera",
+            "{director} handles the [quiet|big|emotional] moments with [real skill|great "
+            "care|a light touch]",
+        ),
+        -1: (
+            "{director} loses control of the material halfway through",
+            "{director} has no idea where to put the camera",
+            "{director} [smothers|buries] every scene in [slow motion|shaky close-ups|fog]",
+        ),
+    },
+    "writing": {
+        1: (
+            "the dialogue crackles",
+            "every joke lands",
+            "the twist caught me completely off guard",
+            "the characters feel like real people",
+            "the script [never talks down to the audience|trusts the audience]",
+        ),
+        -1: (
+            "the dialogue clunks",
+            "every joke [thuds|falls flat]",
+            "the twist is easy to see coming",
+            "the characters are cardboard cutouts",
+            "the plot holes are big enough to drive a truck through",
+            "the script explains everything twice",
+        ),
+    },
+    "music": {
+        1: (
+            "the score swells at [all the right moments|exactly the right moment]",
+            "the songs were stuck in my head for days",
+            "the music does half the storytelling",
+        ),
+        -1: (
+            "the score tells you what to feel in every scene",
+            "the music never stops [for a second|long enough to breathe]",
+            "the songs [all sound the same|are instantly forgettable]",
+        ),
+    },
+    "visuals": {
+        1: (
+            "every frame [could hang in a gallery|looks like a painting]",
+            "{setting} has never looked [better|so beautiful]",
+            "the effects hold up [beautifully|even today]",
+        ),
+        -1: (
+            "every frame looks like [a screensaver|a cheap commercial|a video game cutscene]",
+            "the effects look [unfinished|twenty years old|like cardboard]",
+            "half the scenes are too dark to see",
+        ),
+    },
+    "pacing": {
+        1: (
+            "two hours [fly|flew] by",
+            "it never overstays its welcome",
+            "there is not a wasted minute",
+            "the tension [builds|keeps building] [beautifully|steadily|until the very last scene]",
+        ),
+        -1: (
+            "two hours feel like four",
+            "it overstays its welcome by [half an hour|a good forty minutes]",
+            "nothing happens for the first hour",
+            "the ending goes on and on",
+        ),
+    },
+}
+# "{subject} is a real gem", "... an absolute mess".
+NOUNS = {
+    2: _w("masterpiece|triumph|gem|revelation|joy|treat|delight|marvel|knockout|wonder"),
+    1: _w("highlight|pleasure|success|strength|nice touch|pleasant surprise|bright spot"),
+    -1: _w(
+        "letdown|weak link|problem|misstep|drag|disappointment|weakness|distraction|missed "
+        "opportunity"
+    ),
+    -2: _w("disaster|mess|failure|trainwreck|waste|catastrophe|embarrassment|joke|nightmare"),
+}
+NOUN_MODIFIERS = {1: _w("real|true|genuine|little"), -1: _w("complete|total|absolute|real")}
+# The reviewer's or the audience's reaction, by sign.
+REACTIONS = {
+    1: (
+        "I [laughed|smiled|cheered|cried] [more than once|all the way through|at the "
+        "ending|like a kid].",
+        "The audience [applauded|cheered|was in tears|laughed out loud] at the end.",
+        "I have [already watched it twice|been thinking about it for days|recommended it to "
+        "everyone I know].",
+        "I would happily watch it again.",
+        "[Nobody|Not one person] in my row [touched their phone|left early].",
+        "It stayed with me for days.",
+    ),
+    -1: (
+        "I [yawned|winced|sighed|checked the time] [more than once|through most of it|at the "
+        "ending].",
+        "[Half|A third] of the audience walked out.",
+        "I [almost|nearly] [walked out|fell asleep|turned it off] [halfway through|after an hour].",
+        "I will never get those two hours back.",
+        "I [felt cheated|was bored stiff|was angry by the end|regret every minute of it].",
+        "What a waste of [two hours|an evening|my time].",
+        "My [friend|date|wife|husband] [hated it even more than I did|was annoyed within ten "
+        "minutes].",
+        "The people next to me [were asleep|were on their phones|left early].",
+        "I forgot most of it by the next morning.",
+        "Who thought [the ending|the casting|this script|a sequel] was a good idea?",
+        "What happened to {director}?",
+        "Did anyone read the script before filming it?",
+    ),
+}
 _ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -591,8 +796,9 @@ def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> s
         if not n:
             break
     adj = rng.choice(GENERAL[valence]) if valence else ""
+    quoted = rng.random() < 0.12
     return template.format(
-        title=film.title,
+        title=f'"{film.title}"' if quoted else film.title,
         other=film.other,
         year=film.year,
         genre=film.genre,
@@ -654,16 +860,18 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
     kind = rng.random()
     if contrast or kind < 0.15:
         v = _valence(rng, rating)
-        first = -_sign(v) * rng.choice((1, 1, 2))
+        first = -_sign(v) * rng.choice((1, 1, 1, 2))  # the conceded side is mostly mild
         return _contrast(rng, film, first, v, past)
     if kind < 0.22 and tone_of(rating) != "mixed":
         return _concession(rng, film, 1 if rating > 5 else -1, past)
     if kind < 0.3:
         return _frame(rng, COMPARISONS[_sign(_valence(rng, rating))], film)
-    if kind < 0.36:
+    if kind < 0.35:
         return _frame(rng, ASIDES, film)
+    if kind < 0.42:
+        return _frame(rng, REACTIONS[_sign(_valence(rng, rating))], film)
     v = _valence(rng, rating)
-    if kind < 0.45:  # two remarks in one sentence
+    if kind < 0.5:  # two remarks in one sentence
         a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
         return f"{_cap(a)}{_one(rng, ', and|;| and')} {b}{_end(rng, v)}"
     return _cap(_remark(rng, film, v, past)) + _end(rng, v)
@@ -677,6 +885,8 @@ def _review(rng: random.Random) -> Review:
     head, tail = [], []
     if rng.random() < 0.75:
         v = 0 if rng.random() < 0.6 else _valence(rng, rating)
+        if tone != "mixed":  # a one-sided review opens on its own side
+            v = abs(v) if rating > 5 else -abs(v)
         head.append(_frame(rng, OPENINGS[v and _sign(v)], film, v))
     if n - len(head) >= 3 and rng.random() < 0.55:
         head.append(_frame(rng, PLOTS, film))
