@@ -2,36 +2,42 @@
 "small" configuration, with no download.
 
 Each review is about one made-up film (title, year, genre, director, two actors and their
-roles) and is written by a compositional grammar: the reviewer's rating (1-10, drawn with
-IMDb's polarised shape: many 1s and 10s) sets the tone ("negative" for 1-4, "mixed" for 5-6,
-"positive" for 7-10, IMDb's own labelling rule with the middle kept) and how strongly each
-sentence praises or criticises. A review is 2-6 sentences: an opening (the film, its maker,
-how the reviewer came to watch it), a plot summary, remarks on aspects (acting, direction,
-writing, music, visuals, pacing), comparisons with other made-up films, a recommendation and
-a verdict. Remarks come from many frames (copulas, verbs, "I loved ...", "... had me in
-tears", negated opposites such as "never boring" or "hardly convincing", hedges and
-intensifiers, contrasts with "but" / "although" / "while"), over lexicons graded by valence
-(strong and mild, positive and negative, general and aspect-specific) and neutral
-descriptive words. Mixed reviews set praise against criticism; positive reviews sometimes
-concede a flaw and negative ones a bright spot. Punctuation varies ("!", "...", ";",
-parentheses, "7/10").
+roles, setting, plot) and is written by a compositional grammar. The reviewer's rating
+(1-10, drawn with IMDb's U shape: many 1s and 10s) sets the tone ("negative" 1-4, "mixed"
+5-6, "positive" 7-10: IMDb's labelling rule, with the middle kept) and, sentence by
+sentence, the odds and strength of praise versus criticism. A review is 2-6 sentences: an
+opening (the film, its maker, how the reviewer came to see it), a plot summary, remarks on
+aspects (acting, direction, writing, music, visuals, pacing), reactions, asides and
+production notes, comparisons with other made-up films, a recommendation and a verdict.
+Remarks come from many frames (copulas, verbs, "I loved ...", "... had me in tears",
+evaluative nouns, aspect idioms such as "the dialogue crackles", negated opposites such as
+"never boring" or "hardly convincing", hedges, intensifiers, contrasts with "but" /
+"although" / "yet" / "though"), over lexicons graded by valence (strong and mild, positive
+and negative, general and aspect-specific) and neutral descriptive words. Mixed reviews set
+praise against criticism; one-sided reviews sometimes concede a flaw or a bright spot.
+Punctuation varies ("!", "...", ";", " - ", questions, quoted titles, "7/10").
 
-What it is not: IMDb. Real reviews are longer (230 words on average against about 60 here),
-wander off topic, quote dialogue, misspell, use slang, markup and sarcasm, and discuss real
-films and people. Here every sentence is grammatical, on topic and says what it means
-(except for VADER's own misreadings), and the vocabulary is closed (about 2,000 word types
-against IMDb's 100,000+). It keeps what the DPO paper's experiment needs: prefixes that
-leave the sentiment of the continuation open, a spread of sentiment that a lexicon reward
-(VADER) can tell apart, and enough variety that a small model must learn a distribution,
-not memorise a list (hundreds of thousands of distinct sentences can be drawn; 20,000
-reviews hold about 80,000 sentences, nearly all distinct).
+What it is not: IMDb. Real reviews are longer (about 230 words on average against 37
+here), wander off topic, quote dialogue, misspell, use slang, markup and sarcasm, and
+discuss real films and people. Here every sentence is grammatical and on topic, the
+vocabulary is closed (about 1,900 word types in 20,000 reviews, against IMDb's 100,000+),
+and a review's sentiment is whatever its rating asked for. VADER, the small configuration's
+reward, reads it roughly as a reader would but not exactly (it scores "steals the show" as
+negative and "do not waste your time" as positive, and knows neither "wooden" nor
+"contrived"): on 2,000 reviews (seed 0) the mean compound score is about +0.45 for positive,
++0.15 for mixed and -0.2 to -0.25 for negative reviews, spread over the whole of [-1, 1]
+(2% beyond +-0.95). It keeps what the DPO paper's experiment needs: prefixes that leave the
+continuation's sentiment open, a spread of rewards, and enough variety that a small model
+must learn a distribution, not a list (20,000 reviews hold about 80,000 sentences, 63,000 of
+them distinct).
 
-Records use the SFT format of `dpo_jax.data.formats`: `{"prompt": "", "completion": text}`
-plus the generator's `rating` and `tone` (ignored by the readers, kept for analysis).
+Records use the SFT format of `dpo_jax.data.formats`: `{"prompt": "", "completion": text}`,
+plus the generator's `rating` and `tone` (which the readers ignore; kept for analysis).
 
 `write_review_tokenizer` trains a byte-level BPE tokenizer (GPT-2's pre-tokenization, so
 any split of a text at token boundaries decodes back to the exact text) with the specials
-and Llama-style BOS of `dpo_jax.data.synthetic`.
+and Llama-style BOS of `dpo_jax.data.synthetic`; with 2,048 tokens a review is about 50
+tokens (4 characters a token).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import json
 import os
 import random
 import re
+import shutil
 from collections.abc import Sequence
 
 from dpo_jax.data.synthetic import (
@@ -61,6 +68,10 @@ RATING_WEIGHTS = {1: 14, 2: 7, 3: 7, 4: 8, 5: 7, 6: 8, 7: 10, 8: 12, 9: 10, 10: 
 
 def _w(text: str) -> tuple[str, ...]:
     return tuple(text.split("|"))
+
+
+def _verbs(text: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(forms.split("/")) for forms in text.split("|"))
 
 
 def _one(rng: random.Random, options: str) -> str:
@@ -285,33 +296,23 @@ STRONG = _w("truly|incredibly|extremely|absolutely|remarkably|genuinely|utterly|
 HEDGE = _w("quite|rather|fairly|somewhat|mostly|largely|a little|a bit|kind of|at times")
 # (singular present, plural present, past) verb phrases that praise or criticise.
 VERBS = {
-    1: (
-        ("shines", "shine", "shone"),
-        ("works", "work", "worked"),
-        ("delivers", "deliver", "delivered"),
-        ("impresses", "impress", "impressed"),
-        ("soars", "soar", "soared"),
-        ("succeeds", "succeed", "succeeded"),
-        ("delights", "delight", "delighted"),
-        ("entertains", "entertain", "entertained"),
-        ("lands every beat", "land every beat", "landed every beat"),
-        ("never misses a beat", "never miss a beat", "never missed a beat"),
-        ("steals the show", "steal the show", "stole the show"),
-        ("elevates the material", "elevate the material", "elevated the material"),
+    1: _verbs(
+        "shines/shine/shone|works/work/worked|delivers/deliver/delivered|"
+        "impresses/impress/impressed|soars/soar/soared|succeeds/succeed/succeeded|"
+        "delights/delight/delighted|entertains/entertain/entertained|"
+        "lands every beat/land every beat/landed every beat|"
+        "never misses a beat/never miss a beat/never missed a beat|"
+        "steals the show/steal the show/stole the show|"
+        "elevates the material/elevate the material/elevated the material"
     ),
-    -1: (
-        ("falls flat", "fall flat", "fell flat"),
-        ("drags", "drag", "dragged"),
-        ("misfires", "misfire", "misfired"),
-        ("fails", "fail", "failed"),
-        ("disappoints", "disappoint", "disappointed"),
-        ("bores", "bore", "bored"),
-        ("stumbles", "stumble", "stumbled"),
-        ("never comes together", "never come together", "never came together"),
-        ("goes nowhere", "go nowhere", "went nowhere"),
-        ("wears thin", "wear thin", "wore thin"),
-        ("sinks the film", "sink the film", "sank the film"),
-        ("ruins every scene", "ruin every scene", "ruined every scene"),
+    -1: _verbs(
+        "falls flat/fall flat/fell flat|drags/drag/dragged|misfires/misfire/misfired|"
+        "fails/fail/failed|disappoints/disappoint/disappointed|bores/bore/bored|"
+        "stumbles/stumble/stumbled|"
+        "never comes together/never come together/never came together|"
+        "goes nowhere/go nowhere/went nowhere|wears thin/wear thin/wore thin|"
+        "sinks the film/sink the film/sank the film|"
+        "ruins every scene/ruin every scene/ruined every scene"
     ),
 }
 # "I {verb} {subject}" (past tense: the reviewer has seen the film).
@@ -568,6 +569,11 @@ OPENINGS = {
         "So I finally [saw|caught up with|got around to] {title}.",
         "[Last night|Yesterday|Over the weekend|A few days ago] I [watched|saw|rented] {title}.",
         "{title} came out in {year}, and I only [now|just|recently] got to see it.",
+        "Where do I [even begin|begin|start] with {title}?",
+        "Is {title} worth two hours of your [life|evening]?",
+        "[Like many people|Like everyone else], I [heard about|was curious about] {title} "
+        "[because of the trailer|after the festival buzz|because of {lead}].",
+        "{title} is the [second|third|new] film from the director of {other}.",
     ),
     1: (
         "{title} is {a_adj} {genre}{end}",
@@ -598,6 +604,23 @@ PLOTS = (
     "In {setting}, {role} ({lead}) {goal}.",
     "{lead} is {role} who {goal}; {support} is {role2} [who gets in the way|who helps|with "
     "secrets of [her|his] own].",
+    "{role} {goal}, [only to discover|and soon learns|until it turns out] that {twist}.",
+    "When {role} {goal}, [it turns out|we learn|{lead} realizes] that {twist}.",
+    "{support} plays {role2}, [a sly|a gentle|a volatile|a scheming|a lonely] [rival|mentor|"
+    "neighbor|love interest|landlord|stranger].",
+    "Without spoiling anything: {role} {goal}, and {twist_short}.",
+)
+TWISTS = _w(
+    "nothing is what it seems|the town is hiding something|her partner has been lying for "
+    "years|the past is not finished with them|the real danger is much closer to home|everyone "
+    "in the village knows more than they say|the missing man never existed|the letters were "
+    "never meant for her|someone is watching every move|the job is not what it looked like|"
+    "the family fortune is built on a lie|the stranger knows far too much"
+)
+TWISTS_SHORT = _w(
+    "things get complicated|that is only the beginning|not everyone survives the winter|the "
+    "second half goes somewhere unexpected|old secrets come out|a storm is coming, in more "
+    "ways than one"
 )
 ASIDES = (
     "I saw it {place}.",
@@ -608,7 +631,30 @@ ASIDES = (
     "My [wife|husband|friend|brother|daughter|roommate] picked it.",
     "This is {lead}'s [first|second|tenth] lead role.",
     "[The trailer|The poster] [gives away|gives no hint of] [the ending|what kind of film it is].",
+    "It was shot on [35mm film|a shoestring budget|digital video] [in twenty days|over three "
+    "summers|in {setting}].",
+    "The [score|music] is by {name}.",
+    "{director} [co-wrote|wrote] it with {name}.",
+    "It premiered at [a small festival in Lisbon|the Harbor Film Festival|a midnight festival "
+    "slot] in {year}.",
+    "It is the [second|third] film in a [planned trilogy|long-running series].",
+    "It is a remake of {other}.",
+    "I [had not read|had read] the [novel|book|comic] before.",
 )
+# Looking back (sign of the review).
+RETROSPECTIVES = {
+    1: (
+        "I first saw it [as a teenager|years ago|in {year}], and it [still holds up|has aged "
+        "beautifully|is even better now].",
+        "[Years later|All these years later], I still think about [the ending|{lead}|that last "
+        "scene].",
+    ),
+    -1: (
+        "I first saw it [as a teenager|years ago|in {year}], and it [has aged badly|does not "
+        "hold up at all|is even worse now].",
+        "I have no idea what I [saw in it|liked about it] [back then|the first time].",
+    ),
+}
 COMPARISONS = {
     1: (
         "It is [far|much|a little] better than {other}.",
@@ -811,6 +857,8 @@ def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> s
         role2=film.role2,
         setting=film.setting,
         goal=film.goal,
+        twist=rng.choice(TWISTS),
+        twist_short=rng.choice(TWISTS_SHORT),
         place=rng.choice(PLACES),
         name=_name(rng),
         fan=_one(rng, f"fans of {film.lead}|anyone who likes {film.genre}s|the whole family"),
@@ -820,7 +868,7 @@ def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> s
 
 
 def _frame(rng: random.Random, frames: tuple[str, ...], film: _Film, valence: int = 0) -> str:
-    return _fill(rng, rng.choice(frames), film, valence)
+    return _cap(_fill(rng, rng.choice(frames), film, valence))
 
 
 def _verdict(rng: random.Random, film: _Film, rating: int) -> str:
@@ -868,12 +916,14 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
         return _frame(rng, COMPARISONS[_sign(_valence(rng, rating))], film)
     if kind < 0.35:
         return _frame(rng, ASIDES, film)
-    if kind < 0.42:
+    if kind < 0.4:
         return _frame(rng, REACTIONS[_sign(_valence(rng, rating))], film)
+    if kind < 0.42:
+        return _frame(rng, RETROSPECTIVES[_sign(_valence(rng, rating))], film)
     v = _valence(rng, rating)
     if kind < 0.5:  # two remarks in one sentence
         a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
-        return f"{_cap(a)}{_one(rng, ', and|;| and')} {b}{_end(rng, v)}"
+        return f"{_cap(a)}{_one(rng, ', and|;| and| -|, and also')} {b}{_end(rng, v)}"
     return _cap(_remark(rng, film, v, past)) + _end(rng, v)
 
 
@@ -1043,6 +1093,8 @@ def write_review_corpus(
         if review.text not in seen:
             seen.add(review.text)
             test.append(review)
+    # A tokenizer directory from other arguments may hold files this one would not rewrite.
+    shutil.rmtree(corpus.tokenizer_path, ignore_errors=True)
     write_jsonl(_records(train), corpus.train_path)
     write_jsonl(_records(test), corpus.test_path)
     write_review_tokenizer(corpus.tokenizer_path, [r.text for r in train], vocab_size)
