@@ -74,6 +74,10 @@ def _verbs(text: str) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(forms.split("/")) for forms in text.split("|"))
 
 
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
 def _one(rng: random.Random, options: str) -> str:
     return rng.choice(options.split("|"))
 
@@ -338,6 +342,32 @@ EFFECT = {
         "annoyed|disappointed"
     ),
 }
+DISCOURSE = _w(
+    "Honestly|Frankly|To be honest|In fairness|Admittedly|Also|Plus|On top of that|Then "
+    "again|For what it is worth|Oddly enough|Of course"
+)
+CONTRACTIONS = (
+    ("It is", "It's"),
+    ("it is", "it's"),
+    ("is not", "isn't"),
+    ("are not", "aren't"),
+    ("was not", "wasn't"),
+    ("were not", "weren't"),
+    ("do not", "don't"),
+    ("Do not", "Don't"),
+    ("does not", "doesn't"),
+    ("did not", "didn't"),
+    ("could not", "couldn't"),
+    ("would not", "wouldn't"),
+    ("cannot", "can't"),
+    ("I would", "I'd"),
+    ("I have", "I've"),
+    ("I am", "I'm"),
+    ("There is", "There's"),
+    ("that is", "that's"),
+)
+_CONTRACTED = {c(long): c(short) for long, short in CONTRACTIONS for c in (str, _cap)}
+_CONTRACTION_RE = re.compile(r"\b(" + "|".join(map(re.escape, _CONTRACTED)) + r")\b")
 MONTHS = _w("January|March|May|June|August|October|December|Spring|Winter|Autumn")
 ADVERBS = {2: _w("brilliantly|beautifully|effortlessly|wonderfully"), -2: _w("badly|miserably")}
 SINGLE_WORD_VERBS = ("shines", "works", "delivers", "impresses", "succeeds", "fails", "drags")
@@ -508,10 +538,6 @@ def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
         return f"{subject} {_be(plural, past)} {_a(noun)}"
     part = _one(rng, "best|strongest|most memorable" if sign > 0 else "worst|weakest")
     return f"{subject} {_be(plural, past)} the {part} part of the film"
-
-
-def _cap(text: str) -> str:
-    return text[0].upper() + text[1:]
 
 
 def _end(rng: random.Random, valence: int) -> str:
@@ -924,7 +950,10 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
     if kind < 0.5:  # two remarks in one sentence
         a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
         return f"{_cap(a)}{_one(rng, ', and|;| and| -|, and also')} {b}{_end(rng, v)}"
-    return _cap(_remark(rng, film, v, past)) + _end(rng, v)
+    remark = _remark(rng, film, v, past)
+    if rng.random() < 0.1:  # "Honestly, the score is lovely."
+        return f"{rng.choice(DISCOURSE)}, {remark}{_end(rng, v)}"
+    return _cap(remark) + _end(rng, v)
 
 
 def _review(rng: random.Random) -> Review:
@@ -955,7 +984,16 @@ def _review(rng: random.Random) -> Review:
             if sentence not in head + body + tail:
                 break
         body.append(sentence)
-    return Review(" ".join(head + body + tail), rating, tone)
+    return Review(_restyle(rng, " ".join(head + body + tail)), rating, tone)
+
+
+def _restyle(rng: random.Random, text: str) -> str:
+    """The reviewer's habits: some write contractions ("isn't", "I'd"), a few all lowercase."""
+    if rng.random() < 0.35:
+        text = _CONTRACTION_RE.sub(lambda m: _CONTRACTED[m.group(0)], text)
+    if rng.random() < 0.04:
+        text = text.lower()
+    return text
 
 
 def generate_reviews(num_reviews: int, seed: int) -> list[Review]:
