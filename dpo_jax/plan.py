@@ -62,14 +62,19 @@ class Chip:
     hbm_bandwidth: float
 
 
-# Per chip, from Google Cloud's TPU system architecture pages
-# (https://cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; "peak compute per chip (bf16)",
-# "HBM capacity per chip", "HBM bandwidth per chip"), as of 2025.
+# Per chip, from Google Cloud's TPU system architecture pages, "Key chip specifications":
+# https://cloud.google.com/tpu/docs/v4 (275 TFLOPs bf16; HBM2 32 GiB, 1200 GBps),
+# https://cloud.google.com/tpu/docs/v5e (197 TFLOPs bf16; HBM2 16 GB, 819 GBps),
+# https://cloud.google.com/tpu/docs/v5p (459 TFLOPs bf16; HBM2e 95 GB, 2765 GBps),
+# https://docs.cloud.google.com/tpu/docs/v6e (918 TFLOPs bf16; HBM 32 GB, 1638 GBps),
+# as stored in 2026. Their "GB" of HBM are binary: XLA:TPU's own limit for one program
+# (its out-of-memory error, "available HBM") is 30.75 GiB on v4, 15.75 on v5e, 95.74 on
+# v5p and 31.25 on v6e, above 16e9 / 95e9 / 32e9 bytes, so capacities are in GiB.
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(32 * GiB, 275e12, 1228e9),
+    "v4": Chip(32 * GiB, 275e12, 1200e9),
     "v5e": Chip(16 * GiB, 197e12, 819e9),
     "v5p": Chip(95 * GiB, 459e12, 2765e9),
-    "v6e": Chip(32 * GiB, 918e12, 1640e9),
+    "v6e": Chip(32 * GiB, 918e12, 1638e9),
 }
 
 
