@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from dpo_jax.data import reviews, sources
 from dpo_jax.data.tokenize import TokenizeConfig, load_tokenizer, tokenize_sequence
+from dpo_jax.train import inputs
+from dpo_jax.train.defaults import base_config
 
 
 def _sentences(text: str) -> list[str]:
@@ -170,6 +172,16 @@ def test_corpus_reads_through_the_sft_path_and_reruns_are_identical(tmp_path):
     with open(corpus.train_path) as f:
         first = json.loads(f.readline())
     assert set(first) == {"prompt", "completion", "rating", "tone"}
+
+    # The SFT stage's own reader (an SFT-only run) takes the files as they are.
+    config = base_config()
+    config.stages = ("sft",)
+    config.data.train_files = (corpus.train_path,)
+    config.data.tokenizer = corpus.tokenizer_path
+    config.data.max_length = 256
+    config.data.max_prompt_length = 8
+    splits = inputs.load_splits(config, str(tmp_path / "workdir"))
+    assert len(splits.sequences) == 120 and not splits.bad_records and not splits.tokenize_events
 
     before = _files(tmp_path / "a")
     mtimes = {p: os.stat(tmp_path / "a" / p).st_mtime_ns for p in before}
