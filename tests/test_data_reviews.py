@@ -52,8 +52,10 @@ def test_reviews_are_plain_ascii_with_2_to_6_sentences_and_tone_from_rating(samp
         assert r.text.isascii() and r.text.isprintable(), r.text
         assert r.text == r.text.strip() and "  " not in r.text, r.text
         assert 2 <= len(_sentences(r.text)) <= 6, r.text
-        # Capitalised, except for the few reviewers who write all in lowercase.
-        assert r.text.lstrip('"')[0].isupper() or r.text.islower(), r.text
+        # Capitalised (or a rating such as "8/10."), except for the few reviewers who write
+        # all in lowercase.
+        first = r.text.lstrip('"')[0]
+        assert first.isupper() or first.isdigit() or r.text.islower(), r.text
         assert r.text[-1] in ".!?", r.text
         assert 1 <= r.rating <= 10
         assert r.tone == ("negative" if r.rating <= 4 else "mixed" if r.rating <= 6 else "positive")

@@ -829,6 +829,29 @@ NOUNS = {
     -2: _w("disaster|mess|failure|trainwreck|waste|catastrophe|embarrassment|joke|nightmare"),
 }
 NOUN_MODIFIERS = {1: _w("real|true|genuine|little"), -1: _w("complete|total|absolute|real")}
+# Noun phrases for `_list_sentence`: "+" marks a count noun (it takes "a"/"an").
+LIST_NOUNS = {
+    "acting": _w("acting|performances|+cast|+lead performance|+villain|chemistry|+ensemble"),
+    "direction": _w("direction|editing|staging|+tone|action scenes|camera work"),
+    "writing": _w("writing|dialogue|+script|+plot|+ending|jokes|characters|+premise|+twist"),
+    "music": _w("music|+score|songs|+soundtrack|sound design"),
+    "visuals": _w("cinematography|visuals|effects|costumes|+look|photography|sets"),
+    "pacing": _w("pacing|+running time|+climax|+finale|+first act|+final act"),
+}
+# How the film's quality changes along its running time, ending on the given sign.
+ARCS = {
+    1: (
+        "It starts [slowly|clumsily|a little shakily], but it [finds its footing|wins you "
+        "over|builds to a wonderful finale|gets better and better].",
+        "[Give it|Stick with it for] twenty minutes; after that it is [terrific|a joy|wonderful].",
+    ),
+    -1: (
+        "It starts [strong|well|promisingly], but it [loses its way|falls apart|runs out of "
+        "steam] [in the second half|after the first hour|long before the end].",
+        "The first [half hour|act] is [fine|good|promising]; after that it is [a mess|a "
+        "slog|downhill all the way].",
+    ),
+}
 # The reviewer's or the audience's reaction, by sign.
 REACTIONS = {
     1: (
@@ -840,6 +863,7 @@ REACTIONS = {
         "I would happily watch it again.",
         "[Nobody|Not one person] in my row [touched their phone|left early].",
         "It stayed with me for days.",
+        "[What more could you want|Need I say more|What else is there to say]?",
     ),
     -1: (
         "I [yawned|winced|sighed|checked the time] [more than once|through most of it|at the "
@@ -929,6 +953,19 @@ def _valence(rng: random.Random, rating: int) -> int:
     return sign * (2 if rng.random() < P_STRONG[rating] else 1)
 
 
+def _list_sentence(rng: random.Random, rating: int) -> str:
+    """A verdict in noun phrases: "Wooden acting, a clever script and gorgeous songs." """
+    aspects = rng.sample(ASPECTS, rng.choice((2, 3, 3)))
+    items = []
+    for aspect in aspects:
+        noun = rng.choice(LIST_NOUNS[aspect])
+        phrase = f"{_adjective(rng, aspect, _valence(rng, rating))} {noun.lstrip('+')}"
+        items.append(_a(phrase) if noun.startswith("+") else phrase)
+    if len(items) == 2 and rng.random() < 0.5:
+        return f"{_cap(items[0])}, {items[1]}."
+    return f"{_cap(', '.join(items[:-1]))} and {items[-1]}."
+
+
 def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, contrast: bool) -> str:
     """One sentence of a review's body: remarks, a contrast, a concession, a comparison."""
     kind = rng.random()
@@ -946,8 +983,12 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
         return _frame(rng, REACTIONS[_sign(_valence(rng, rating))], film)
     if kind < 0.42:
         return _frame(rng, RETROSPECTIVES[_sign(_valence(rng, rating))], film)
+    if kind < 0.47:
+        return _list_sentence(rng, rating)
+    if kind < 0.5:
+        return _frame(rng, ARCS[_sign(_valence(rng, rating))], film)
     v = _valence(rng, rating)
-    if kind < 0.5:  # two remarks in one sentence
+    if kind < 0.57:  # two remarks in one sentence
         a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
         return f"{_cap(a)}{_one(rng, ', and|;| and| -|, and also')} {b}{_end(rng, v)}"
     remark = _remark(rng, film, v, past)
@@ -975,6 +1016,8 @@ def _review(rng: random.Random) -> Review:
             tail.append(_frame(rng, RECOMMENDATIONS[_valence(rng, rating)], film))
         if kind >= 0.35:
             tail.append(_verdict(rng, film, rating))
+    if tail and rng.random() < 0.15:  # some reviewers lead with the verdict
+        head, tail = tail[-1:] + head, tail[:-1]
     body = []
     for _ in range(max(1, n - len(head) - len(tail))):
         # Mixed reviews open their body with praise against criticism.
