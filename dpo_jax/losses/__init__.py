@@ -44,6 +44,7 @@ from dpo_jax.losses.pairwise import (
 )
 from dpo_jax.losses.reference_free import cpo, orpo, sft, sigmoid_reference_free, simpo
 from dpo_jax.losses.registry import get, names, requires_reference, unpaired_names
+from dpo_jax.losses.token_level import unlikelihood
 from dpo_jax.losses.unpaired import (
     UnpairedLogps,
     UnpairedLossOutput,
@@ -92,6 +93,7 @@ __all__ = [
     "sigmoid_reference_free",
     "simpo",
     "sppo_hard",
+    "unlikelihood",
     "unpaired_names",
     "wpo_weighted",
     "wpo_weights",

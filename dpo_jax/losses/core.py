@@ -51,11 +51,16 @@ class PreferenceLogps(NamedTuple):
 
 
 class LossOutput(NamedTuple):
-    """Per-pair losses `[B]` and implicit rewards `[B]` (gradient-free)."""
+    """Per-pair losses `[B]` and implicit rewards `[B]` (gradient-free).
+
+    terms: named per-pair parts of the loss `[B]` (gradient-free) that training reports as
+      `terms/<name>` metrics; None, or exactly the names the loss declares in `Loss.terms`.
+    """
 
     losses: jax.Array
     chosen_rewards: jax.Array
     rejected_rewards: jax.Array
+    terms: Mapping[str, jax.Array] | None = None
 
 
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -101,7 +106,8 @@ class Loss:
     Attributes: `name`, `requires_reference`, `hparams` (accepted names -> defaults), `needs`
     (PreferenceLogps fields that must be present), `score_based` (its margin is built only from
     chosen/rejected log-ratio scores, so an f-divergence may replace them), `per_pair` (entry i
-    of its losses belongs to pair i; False for losses that sort the batch), `core`.
+    of its losses belongs to pair i; False for losses that sort the batch), `terms` (names of
+    the per-pair loss parts its output reports in `LossOutput.terms`), `core`.
     """
 
     def __init__(
@@ -114,6 +120,7 @@ class Loss:
         needs: tuple[str, ...] = (),
         score_based: bool = False,
         per_pair: bool = True,
+        terms: tuple[str, ...] = (),
         doc: str | None = None,
     ):
         self.name = name
@@ -125,6 +132,7 @@ class Loss:
         )
         self.score_based = score_based
         self.per_pair = per_pair
+        self.terms = tuple(terms)
         self.__doc__ = doc
 
     def __repr__(self) -> str:
@@ -204,7 +212,9 @@ def pairwise(name: str, *, score_based: bool = False, needs: tuple[str, ...] = (
     return wrap
 
 
-def reference_free(name: str, *, needs: tuple[str, ...] = (), **defaults):
+def reference_free(
+    name: str, *, needs: tuple[str, ...] = (), terms: tuple[str, ...] = (), **defaults
+):
     """Decorator for a loss of policy log-probs only: `f(lp, *, beta, **hp) -> LossOutput`."""
 
     def wrap(f: Callable[..., LossOutput]) -> Loss:
@@ -213,7 +223,13 @@ def reference_free(name: str, *, needs: tuple[str, ...] = (), **defaults):
             return f(lp, beta=beta, **{**defaults, **hparams})
 
         return Loss(
-            name, core, requires_reference=False, hparams=defaults, needs=needs, doc=f.__doc__
+            name,
+            core,
+            requires_reference=False,
+            hparams=defaults,
+            needs=needs,
+            terms=terms,
+            doc=f.__doc__,
         )
 
     return wrap

@@ -184,6 +184,7 @@ def _wrapped(loss: Loss, name: str, core, extra_needs: tuple[str, ...] = ()) -> 
         needs=(*loss.needs, *extra_needs),
         score_based=loss.score_based,
         per_pair=loss.per_pair,
+        terms=loss.terms,
         doc=loss.__doc__,
     )
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dpo_jax.losses import pairwise, reference_free, unpaired
+from dpo_jax.losses import pairwise, reference_free, token_level, unpaired
 from dpo_jax.losses.core import Loss
 
-_PAIRED = {loss.name: loss for loss in (*pairwise.LOSSES, *reference_free.LOSSES)}
+_PAIRED = {
+    loss.name: loss for loss in (*pairwise.LOSSES, *reference_free.LOSSES, *token_level.LOSSES)
+}
 _UNPAIRED = {loss.name: loss for loss in unpaired.LOSSES}
 
 

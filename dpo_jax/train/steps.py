@@ -30,7 +30,8 @@ are computed for the whole batch, and a second pass backpropagates each micro-ba
 Metric names follow the DPO reference code / TRL: `loss`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`,
 `logps/rejected` (means over real pairs), plus `logps/accuracies` (fraction of real pairs
-whose chosen log-prob exceeds the rejected one under the policy alone), `grad_norm`
+whose chosen log-prob exceeds the rejected one under the policy alone), `terms/<name>` (the
+means of the per-pair loss parts a loss reports, e.g. unlikelihood's), `grad_norm`
 (before clipping), `update_norm`, `tokens` (scored tokens of real pairs), `pairs`,
 `learning_rate` (the rate this update applied; with `make_optimizer`), `nonfinite_steps`
 (1 when the loss, gradients or new params were not finite) and `rejected_steps` (1 when a
@@ -102,6 +103,11 @@ class Objective:
             raise ValueError("loss hparams: pass beta as its own argument, not inside hparams")
         loss.check_hparams(hparams, float(beta))
         return cls(loss, float(beta), tuple(sorted(hparams.items())))
+
+    @property
+    def sum_keys(self) -> tuple[str, ...]:
+        """Keys of `sums`' metric sums: SUM_KEYS and the loss's reported `terms/<name>`."""
+        return (*SUM_KEYS, *(f"terms/{name}" for name in self.loss.terms))
 
     @property
     def per_token(self) -> bool:
@@ -201,6 +207,8 @@ class Objective:
             "tokens": total(lp.chosen_lengths + lp.rejected_lengths),
             "pairs": total(jnp.ones_like(chosen)),
         }
+        for name in self.loss.terms:
+            metrics[f"terms/{name}"] = total(out.terms[name])
         return loss_sum, metrics
 
     def normalizer(self, batch: Batch, axis_name) -> jax.Array:
@@ -307,7 +315,7 @@ def _one_pass_grads(g: _Grads, params, reference, batch, key, accum_steps):
         ref = g.objective.reference_stats(g.scoring, reference, mb, mb["pair_mask"].shape[0])
         return jax.tree.map(jnp.add, carry, value_and_grad(params, mb, ref, k)), None
 
-    zero_sums = {k: jnp.float32(0) for k in SUM_KEYS}
+    zero_sums = {k: jnp.float32(0) for k in g.objective.sum_keys}
     init = ((jnp.float32(0), zero_sums), jax.tree.map(jnp.zeros_like, params))
     ((loss, sums), grads), _ = lax.scan(accumulate, init, (micro, _micro_keys(key, accum_steps)))
     return grads, loss, sums
