@@ -66,6 +66,21 @@ TONES = ("positive", "negative", "mixed")
 RATING_WEIGHTS = {1: 14, 2: 7, 3: 7, 4: 8, 5: 7, 6: 8, 7: 10, 8: 12, 9: 10, 10: 17}
 
 
+@dataclasses.dataclass(frozen=True)
+class Review:
+    """One generated review: its text, the rating (1-10) the generator wrote it for, and
+    the tone that rating implies ("negative" 1-4, "mixed" 5-6, "positive" 7-10)."""
+
+    text: str
+    rating: int
+    tone: str
+
+
+def tone_of(rating: int) -> str:
+    """IMDb's labelling rule (<= 4 negative, >= 7 positive), with 5-6 kept as "mixed"."""
+    return "negative" if rating <= 4 else "mixed" if rating <= 6 else "positive"
+
+
 def _w(text: str) -> tuple[str, ...]:
     return tuple(text.split("|"))
 
@@ -373,217 +388,10 @@ ADVERBS = {2: _w("brilliantly|beautifully|effortlessly|wonderfully"), -2: _w("ba
 SINGLE_WORD_VERBS = ("shines", "works", "delivers", "impresses", "succeeds", "fails", "drags")
 
 
-# ----------------------------------------------------------------------------- the film
+# ----------------------------------------------------------------------------- sentence frames
 
-
-@dataclasses.dataclass(frozen=True)
-class Review:
-    """One generated review: its text, the rating (1-10) the generator wrote it for, and
-    the tone that rating implies ("negative" 1-4, "mixed" 5-6, "positive" 7-10)."""
-
-    text: str
-    rating: int
-    tone: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Film:
-    title: str
-    other: str  # another made-up film, for comparisons
-    year: int
-    genre: str
-    director: str
-    lead: str
-    support: str
-    role: str  # "a retired boxer"
-    role2: str
-    setting: str
-    goal: str
-
-
-def tone_of(rating: int) -> str:
-    """IMDb's labelling rule (<= 4 negative, >= 7 positive), with 5-6 kept as "mixed"."""
-    return "negative" if rating <= 4 else "mixed" if rating <= 6 else "positive"
-
-
-def _a(phrase: str) -> str:
-    return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
-
-
-def _the(role: str) -> str:
-    return "the " + role.split(" ", 1)[1]  # "a retired boxer" -> "the retired boxer"
-
-
-def _name(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-
-
-def _title(rng: random.Random) -> str:
-    adj, noun, noun2 = rng.choice(TITLE_ADJ), rng.choice(TITLE_NOUN), rng.choice(TITLE_NOUN)
-    return rng.choice(
-        (
-            f"The {adj} {noun}",
-            f"{adj} {noun}",
-            f"{noun} of the {adj} {noun2}",
-            f"{rng.choice(FIRST)}'s {noun}",
-            f"A {noun} in {rng.choice(MONTHS)}",
-            f"The {noun}",
-            f"{noun}es" if noun.endswith("s") else f"{noun}s",
-        )
-    )
-
-
-def _film(rng: random.Random) -> _Film:
-    return _Film(
-        title=_title(rng),
-        other=_title(rng),
-        year=rng.randint(1968, 2024),
-        genre=rng.choice(GENRES),
-        director=_name(rng),
-        lead=_name(rng),
-        support=_name(rng),
-        role=rng.choice(ROLES),
-        role2=rng.choice(ROLES),
-        setting=rng.choice(SETTINGS),
-        goal=rng.choice(GOALS),
-    )
-
-
-# ----------------------------------------------------------------------------- remarks
-
-
-def _sign(valence: int) -> int:
-    return 1 if valence > 0 else -1
-
-
-def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
-    """A subject phrase about `aspect` and whether it is plural."""
-    text = rng.choice(SUBJECTS[aspect])
-    plural = text.endswith("*")
-    text = text.rstrip("*").format(
-        lead=film.lead,
-        support=film.support,
-        director=film.director,
-        role=_the(film.role),
-        role2=_the(film.role2),
-        name=_name(rng) if "{name}" in text else "",
-    )
-    return text, plural
-
-
-def _adjective(rng: random.Random, aspect: str, valence: int) -> str:
-    """Strong valences use the general strong words; mild ones mix general and aspect words."""
-    if abs(valence) == 2 or rng.random() < 0.4:
-        return rng.choice(GENERAL[valence])
-    return rng.choice(SPECIFIC[aspect][_sign(valence)])
-
-
-def _copula(rng: random.Random, plural: bool, past: bool) -> str:
-    forms = [("is", "are", "was", "were"), ("feels", "feel", "felt", "felt")]
-    forms += [("seems", "seem", "seemed", "seemed"), ("looks", "look", "looked", "looked")]
-    sg, pl, sg_past, pl_past = rng.choice(forms) if rng.random() < 0.4 else forms[0]
-    if past:
-        return pl_past if plural else sg_past
-    return pl if plural else sg
-
-
-def _be(plural: bool, past: bool) -> str:
-    return ("were" if plural else "was") if past else ("are" if plural else "is")
-
-
-def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
-    """One clause (no capital, no final punctuation) praising or criticising one aspect.
-
-    valence: +2 / +1 praise, -1 / -2 criticism (strength of the words used).
-    """
-    aspect = rng.choice(ASPECTS)
-    subject, plural = _subject(rng, film, aspect)
-    sign = _sign(valence)
-    frame = rng.random()
-    if frame < 0.32:  # "the score is truly haunting"
-        adj = _adjective(rng, aspect, valence)
-        if abs(valence) == 2 and rng.random() < 0.45:
-            adj = f"{rng.choice(STRONG)} {adj}"
-        elif abs(valence) == 2 and rng.random() < 0.08:
-            adj = adj.upper()  # shouting, which VADER also reads as emphasis
-        elif abs(valence) == 1 and rng.random() < 0.35:
-            # "pretty" is a praise word to VADER, so it only hedges praise.
-            adj = f"{rng.choice(HEDGE + (('pretty',) if valence > 0 else ()))} {adj}"
-        if rng.random() < 0.25:  # two adjectives
-            adj = f"{adj} and {_adjective(rng, aspect, sign)}"
-        return f"{subject} {_copula(rng, plural, past)} {adj}"
-    if frame < 0.44:  # a negated opposite: "the script is never boring"
-        be = _be(plural, past)
-        negation = rng.choice(("not", "never", "hardly", "not exactly", "not at all"))
-        if negation == "not at all":
-            return f"{subject} {be} not {_adjective(rng, aspect, -sign)} at all"
-        return f"{subject} {be} {negation} {_adjective(rng, aspect, -sign)}"
-    if frame < 0.56:  # "the cast shines brilliantly"
-        sg, pl, past_form = rng.choice(VERBS[sign])
-        verb = past_form if past else pl if plural else sg
-        if abs(valence) == 2 and sg in SINGLE_WORD_VERBS and rng.random() < 0.7:
-            verb += " " + rng.choice(ADVERBS[valence])
-        return f"{subject} {verb}"
-    if frame < 0.68:  # "I loved the ending"
-        return f"I {rng.choice(LIKE[valence])} {subject}"
-    if frame < 0.76:  # "the ending had me in tears"
-        verb = rng.choice(("had me", "left me")) if past or plural else "has me"
-        return f"{subject} {verb} {rng.choice(EFFECT[sign])}"
-    if frame < 0.88:  # "every joke lands"
-        return _fill(rng, rng.choice(IDIOMS[aspect][sign]), film)
-    if frame < 0.96:  # "the villain is a real gem"
-        noun = rng.choice(NOUNS[valence])
-        if rng.random() < 0.4:
-            noun = f"{rng.choice(NOUN_MODIFIERS[sign])} {noun}"
-        return f"{subject} {_be(plural, past)} {_a(noun)}"
-    part = _one(rng, "best|strongest|most memorable" if sign > 0 else "worst|weakest")
-    return f"{subject} {_be(plural, past)} the {part} part of the film"
-
-
-def _end(rng: random.Random, valence: int) -> str:
-    if abs(valence) == 2 and rng.random() < 0.3:
-        return rng.choice(("!", "!", "!!"))
-    return "..." if rng.random() < 0.04 else "."
-
-
-def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bool) -> str:
-    """Two remarks of opposite sign; `second` is the one the sentence lands on."""
-    a, b = _remark(rng, film, first, past), _remark(rng, film, second, past)
-    form = rng.randrange(9)
-    if form == 0:
-        return f"{_cap(a)}, but {b}."
-    if form == 1:
-        return f"Although {a}, {b}."
-    if form == 2:
-        return f"While {a}, {b}."
-    if form == 3:
-        word = "unfortunately" if second < 0 else rng.choice(("still", "even so", "thankfully"))
-        return f"{_cap(a)}; {word}, {b}."
-    if form == 4:
-        return f"{_cap(b)}, though {a}."  # "though" concedes the clause after it
-    if form == 5:
-        return f"Even though {a}, {b}."
-    if form == 6:
-        return f"{_cap(a)}; on the other hand, {b}."
-    if form == 7:
-        return f"{_cap(a)}, yet {b}."
-    return f"Sure, {a}, but {b}."
-
-
-def _concession(rng: random.Random, film: _Film, sign: int, past: bool) -> str:
-    """A positive review's one flaw (sign > 0) or a negative review's one bright spot."""
-    aspect = rng.choice(ASPECTS)
-    subject, _ = _subject(rng, film, aspect)
-    if sign > 0:
-        what = rng.choice(("weak spot", "real flaw", "problem", "complaint", "misstep"))
-        tail = rng.choice(("", f", which {'was' if past else 'is'} {_adjective(rng, aspect, -1)}"))
-        return f"My only {what} is {subject}{tail}."
-    what = rng.choice(("bright spot", "saving grace", "good thing", "redeeming feature"))
-    return f"The only {what} is {subject}{_one(rng, '|, and even that is not enough')}."
-
-
-# Sentence frames: "[a|b]" picks one alternative (innermost brackets first), then the
-# {slots} of `_slots` are filled. Keyed by valence where the frame praises or criticises.
+# A frame's "[a|b]" picks one alternative (innermost brackets first), then its {slots} are
+# filled from the film (`_fill`). Keyed by sign (or valence) where the frame takes a side.
 OPENINGS = {
     0: (
         "{title} ({year}) is {a_genre} from director {director}.",
@@ -882,6 +690,203 @@ REACTIONS = {
         "Did anyone read the script before filming it?",
     ),
 }
+
+# ----------------------------------------------------------------------------- the film
+
+
+@dataclasses.dataclass(frozen=True)
+class _Film:
+    title: str
+    other: str  # another made-up film, for comparisons
+    year: int
+    genre: str
+    director: str
+    lead: str
+    support: str
+    role: str  # "a retired boxer"
+    role2: str
+    setting: str
+    goal: str
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
+
+
+def _the(role: str) -> str:
+    return "the " + role.split(" ", 1)[1]  # "a retired boxer" -> "the retired boxer"
+
+
+def _name(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+
+
+def _title(rng: random.Random) -> str:
+    adj, noun, noun2 = rng.choice(TITLE_ADJ), rng.choice(TITLE_NOUN), rng.choice(TITLE_NOUN)
+    return rng.choice(
+        (
+            f"The {adj} {noun}",
+            f"{adj} {noun}",
+            f"{noun} of the {adj} {noun2}",
+            f"{rng.choice(FIRST)}'s {noun}",
+            f"A {noun} in {rng.choice(MONTHS)}",
+            f"The {noun}",
+            f"{noun}es" if noun.endswith("s") else f"{noun}s",
+        )
+    )
+
+
+def _film(rng: random.Random) -> _Film:
+    return _Film(
+        title=_title(rng),
+        other=_title(rng),
+        year=rng.randint(1968, 2024),
+        genre=rng.choice(GENRES),
+        director=_name(rng),
+        lead=_name(rng),
+        support=_name(rng),
+        role=rng.choice(ROLES),
+        role2=rng.choice(ROLES),
+        setting=rng.choice(SETTINGS),
+        goal=rng.choice(GOALS),
+    )
+
+
+# ----------------------------------------------------------------------------- remarks
+
+
+def _sign(valence: int) -> int:
+    return 1 if valence > 0 else -1
+
+
+def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
+    """A subject phrase about `aspect` and whether it is plural."""
+    text = rng.choice(SUBJECTS[aspect])
+    plural = text.endswith("*")
+    text = text.rstrip("*").format(
+        lead=film.lead,
+        support=film.support,
+        director=film.director,
+        role=_the(film.role),
+        role2=_the(film.role2),
+        name=_name(rng) if "{name}" in text else "",
+    )
+    return text, plural
+
+
+def _adjective(rng: random.Random, aspect: str, valence: int) -> str:
+    """Strong valences use the general strong words; mild ones mix general and aspect words."""
+    if abs(valence) == 2 or rng.random() < 0.4:
+        return rng.choice(GENERAL[valence])
+    return rng.choice(SPECIFIC[aspect][_sign(valence)])
+
+
+def _copula(rng: random.Random, plural: bool, past: bool) -> str:
+    forms = [("is", "are", "was", "were"), ("feels", "feel", "felt", "felt")]
+    forms += [("seems", "seem", "seemed", "seemed"), ("looks", "look", "looked", "looked")]
+    sg, pl, sg_past, pl_past = rng.choice(forms) if rng.random() < 0.4 else forms[0]
+    if past:
+        return pl_past if plural else sg_past
+    return pl if plural else sg
+
+
+def _be(plural: bool, past: bool) -> str:
+    return ("were" if plural else "was") if past else ("are" if plural else "is")
+
+
+def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
+    """One clause (no capital, no final punctuation) praising or criticising one aspect.
+
+    valence: +2 / +1 praise, -1 / -2 criticism (strength of the words used).
+    """
+    aspect = rng.choice(ASPECTS)
+    subject, plural = _subject(rng, film, aspect)
+    sign = _sign(valence)
+    frame = rng.random()
+    if frame < 0.32:  # "the score is truly haunting"
+        adj = _adjective(rng, aspect, valence)
+        if abs(valence) == 2 and rng.random() < 0.45:
+            adj = f"{rng.choice(STRONG)} {adj}"
+        elif abs(valence) == 2 and rng.random() < 0.08:
+            adj = adj.upper()  # shouting, which VADER also reads as emphasis
+        elif abs(valence) == 1 and rng.random() < 0.35:
+            # "pretty" is a praise word to VADER, so it only hedges praise.
+            adj = f"{rng.choice(HEDGE + (('pretty',) if valence > 0 else ()))} {adj}"
+        if rng.random() < 0.25:  # two adjectives
+            adj = f"{adj} and {_adjective(rng, aspect, sign)}"
+        return f"{subject} {_copula(rng, plural, past)} {adj}"
+    if frame < 0.44:  # a negated opposite: "the script is never boring"
+        be = _be(plural, past)
+        negation = rng.choice(("not", "never", "hardly", "not exactly", "not at all"))
+        if negation == "not at all":
+            return f"{subject} {be} not {_adjective(rng, aspect, -sign)} at all"
+        return f"{subject} {be} {negation} {_adjective(rng, aspect, -sign)}"
+    if frame < 0.56:  # "the cast shines brilliantly"
+        sg, pl, past_form = rng.choice(VERBS[sign])
+        verb = past_form if past else pl if plural else sg
+        if abs(valence) == 2 and sg in SINGLE_WORD_VERBS and rng.random() < 0.7:
+            verb += " " + rng.choice(ADVERBS[valence])
+        return f"{subject} {verb}"
+    if frame < 0.68:  # "I loved the ending"
+        return f"I {rng.choice(LIKE[valence])} {subject}"
+    if frame < 0.76:  # "the ending had me in tears"
+        verb = rng.choice(("had me", "left me")) if past or plural else "has me"
+        return f"{subject} {verb} {rng.choice(EFFECT[sign])}"
+    if frame < 0.88:  # "every joke lands"
+        return _fill(rng, rng.choice(IDIOMS[aspect][sign]), film)
+    if frame < 0.96:  # "the villain is a real gem"
+        noun = rng.choice(NOUNS[valence])
+        if rng.random() < 0.4:
+            noun = f"{rng.choice(NOUN_MODIFIERS[sign])} {noun}"
+        return f"{subject} {_be(plural, past)} {_a(noun)}"
+    part = _one(rng, "best|strongest|most memorable" if sign > 0 else "worst|weakest")
+    return f"{subject} {_be(plural, past)} the {part} part of the film"
+
+
+def _end(rng: random.Random, valence: int) -> str:
+    if abs(valence) == 2 and rng.random() < 0.3:
+        return rng.choice(("!", "!", "!!"))
+    return "..." if rng.random() < 0.04 else "."
+
+
+def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bool) -> str:
+    """Two remarks of opposite sign; `second` is the one the sentence lands on."""
+    a, b = _remark(rng, film, first, past), _remark(rng, film, second, past)
+    form = rng.randrange(9)
+    if form == 0:
+        return f"{_cap(a)}, but {b}."
+    if form == 1:
+        return f"Although {a}, {b}."
+    if form == 2:
+        return f"While {a}, {b}."
+    if form == 3:
+        word = "unfortunately" if second < 0 else rng.choice(("still", "even so", "thankfully"))
+        return f"{_cap(a)}; {word}, {b}."
+    if form == 4:
+        return f"{_cap(b)}, though {a}."  # "though" concedes the clause after it
+    if form == 5:
+        return f"Even though {a}, {b}."
+    if form == 6:
+        return f"{_cap(a)}; on the other hand, {b}."
+    if form == 7:
+        return f"{_cap(a)}, yet {b}."
+    return f"Sure, {a}, but {b}."
+
+
+def _concession(rng: random.Random, film: _Film, sign: int, past: bool) -> str:
+    """A positive review's one flaw (sign > 0) or a negative review's one bright spot."""
+    aspect = rng.choice(ASPECTS)
+    subject, _ = _subject(rng, film, aspect)
+    if sign > 0:
+        what = rng.choice(("weak spot", "real flaw", "problem", "complaint", "misstep"))
+        tail = rng.choice(("", f", which {'was' if past else 'is'} {_adjective(rng, aspect, -1)}"))
+        return f"My only {what} is {subject}{tail}."
+    what = rng.choice(("bright spot", "saving grace", "good thing", "redeeming feature"))
+    return f"The only {what} is {subject}{_one(rng, '|, and even that is not enough')}."
+
+
+# ----------------------------------------------------------------------------- frames
+
 _ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
 
 
