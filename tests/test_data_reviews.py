@@ -191,6 +191,11 @@ def test_corpus_reads_through_the_sft_path_and_reruns_are_identical(tmp_path):
     assert {p: os.stat(tmp_path / "a" / p).st_mtime_ns for p in before} == mtimes  # no-op
     reviews.write_review_corpus(tmp_path / "b", 120, 30, seed=1)
     assert _files(tmp_path / "b") == before  # byte-identical from scratch
+    # An edited (or half-written) file is noticed and rewritten.
+    with open(corpus.test_path, "a") as f:
+        f.write('{"prompt": "", "completion": "edited"}\n')
+    reviews.write_review_corpus(tmp_path / "a", 120, 30, seed=1)
+    assert _files(tmp_path / "a") == before
     # Other arguments rewrite the directory.
     reviews.write_review_corpus(tmp_path / "a", 100, 30, seed=1)
     assert len(list(sources.iter_records(corpus.train_path))) == 100

@@ -1125,6 +1125,27 @@ def _derived_seed(seed: int, split: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def _grammar_fingerprint() -> str:
+    """Digest of what this version of the grammar writes: another grammar, another corpus."""
+    texts = "\n".join(r.text for r in generate_reviews(50, seed=0))
+    return hashlib.sha256(texts.encode()).hexdigest()[:16]
+
+
+def _digests(directory: str, corpus: ReviewCorpus) -> dict[str, str] | None:
+    """sha256 of each file of the corpus, by path under `directory`; None if one is missing."""
+    paths = [corpus.train_path, corpus.test_path]
+    if os.path.isdir(corpus.tokenizer_path):
+        names = sorted(os.listdir(corpus.tokenizer_path))
+        paths += [os.path.join(corpus.tokenizer_path, name) for name in names]
+    digests = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
 def _records(reviews: Sequence[Review]) -> list[dict]:
     return [
         {"prompt": "", "completion": r.text, "rating": r.rating, "tone": r.tone} for r in reviews
@@ -1143,10 +1164,13 @@ def write_review_corpus(
 
     Train and test reviews come from two seeds derived from `seed`; a test review whose text
     is also a training review is replaced by the next one drawn, so the test split is
-    held out. The tokenizer is trained on the training texts. corpus.json, written last,
-    records the arguments: a rerun with the same arguments finds it and writes nothing, a
-    run that was killed midway (no corpus.json) or had other arguments writes everything
-    again (byte-identical for the same arguments).
+    held out. The tokenizer is trained on the training texts.
+
+    corpus.json, written last, records the arguments, a fingerprint of the grammar (the
+    digest of a few reviews it writes) and the digest of every file. A rerun that finds all
+    three unchanged writes nothing; otherwise (a run killed midway, other arguments, a
+    changed grammar, an edited file) it writes everything again, byte-identical for the
+    same arguments and grammar.
     """
     if num_train < 1 or num_test < 0:
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
@@ -1157,19 +1181,20 @@ def write_review_corpus(
         tokenizer_path=os.path.join(directory, "tokenizer"),
     )
     manifest_path = os.path.join(directory, "corpus.json")
-    manifest = {
-        "generator": "dpo_jax.data.reviews",
-        "num_train": num_train,
-        "num_test": num_test,
-        "seed": seed,
-        "vocab_size": vocab_size,
+    expected = {
+        "arguments": {
+            "num_train": num_train,
+            "num_test": num_test,
+            "seed": seed,
+            "vocab_size": vocab_size,
+        },
+        "grammar": _grammar_fingerprint(),
     }
     if os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
-            if json.load(f) == manifest and all(
-                os.path.exists(p) for p in dataclasses.astuple(corpus)
-            ):
-                return corpus
+            found = json.load(f)
+        if found == {**expected, "files": _digests(directory, corpus)}:
+            return corpus
         os.remove(manifest_path)  # stale: the files below are about to change
     train = generate_reviews(num_train, _derived_seed(seed, "train"))
     seen = {r.text for r in train}
@@ -1185,6 +1210,6 @@ def write_review_corpus(
     write_jsonl(_records(test), corpus.test_path)
     write_review_tokenizer(corpus.tokenizer_path, [r.text for r in train], vocab_size)
     with open(manifest_path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+        json.dump({**expected, "files": _digests(directory, corpus)}, f, indent=2, sort_keys=True)
         f.write("\n")
     return corpus
