@@ -412,7 +412,7 @@ OPENINGS = {
     1: (
         "{title} is {a_adj} {genre}{end}",
         "What {a_adj} {genre}{end}",
-        "{title} is one of the best {genre}s I have seen [in years|this decade|in a long "
+        "{title} is one of the best {genres} I have seen [in years|this decade|in a long "
         "time|all year].",
         "{director}'s {title} is {a_adj} piece of work{end}",
         "{title} ({year}) turned out to be {a_adj} surprise.",
@@ -421,7 +421,7 @@ OPENINGS = {
     -1: (
         "{title} is {a_adj} {genre}{end}",
         "What {a_adj} {genre}{end}",
-        "{title} is one of the worst {genre}s I have seen [in years|this decade|in a long "
+        "{title} is one of the worst {genres} I have seen [in years|this decade|in a long "
         "time|all year].",
         "{director}'s {title} is {a_adj} piece of work{end}",
         "I [wanted|tried|really wanted] to like {title}.",
@@ -717,6 +717,17 @@ def _the(role: str) -> str:
     return "the " + role.split(" ", 1)[1]  # "a retired boxer" -> "the retired boxer"
 
 
+def _plural(noun: str) -> str:
+    """ "documentary" -> "documentaries", "Echo" -> "Echoes", "film noir" -> "films noirs"."""
+    if noun == "film noir":
+        return "films noirs"
+    if noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    if noun.endswith(("s", "sh", "ch", "x", "o")):
+        return noun + "es"
+    return noun + "s"
+
+
 def _name(rng: random.Random) -> str:
     return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
 
@@ -729,9 +740,9 @@ def _title(rng: random.Random) -> str:
             f"{adj} {noun}",
             f"{noun} of the {adj} {noun2}",
             f"{rng.choice(FIRST)}'s {noun}",
-            f"A {noun} in {rng.choice(MONTHS)}",
+            f"{_cap(_a(noun))} in {rng.choice(MONTHS)}",
             f"The {noun}",
-            f"{noun}es" if noun.endswith("s") else f"{noun}s",
+            _plural(noun),
         )
     )
 
@@ -794,12 +805,15 @@ def _be(plural: bool, past: bool) -> str:
     return ("were" if plural else "was") if past else ("are" if plural else "is")
 
 
-def _remark(rng: random.Random, film: _Film, valence: int, past: bool) -> str:
+def _remark(
+    rng: random.Random, film: _Film, valence: int, past: bool, aspect: str | None = None
+) -> str:
     """One clause (no capital, no final punctuation) praising or criticising one aspect.
 
     valence: +2 / +1 praise, -1 / -2 criticism (strength of the words used).
+    aspect: one of ASPECTS (default: drawn).
     """
-    aspect = rng.choice(ASPECTS)
+    aspect = aspect or rng.choice(ASPECTS)
     subject, plural = _subject(rng, film, aspect)
     sign = _sign(valence)
     frame = rng.random()
@@ -851,7 +865,8 @@ def _end(rng: random.Random, valence: int) -> str:
 
 def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bool) -> str:
     """Two remarks of opposite sign; `second` is the one the sentence lands on."""
-    a, b = _remark(rng, film, first, past), _remark(rng, film, second, past)
+    x, y = rng.sample(ASPECTS, 2)  # two different things, not "the score is ..., the score is"
+    a, b = _remark(rng, film, first, past, x), _remark(rng, film, second, past, y)
     form = rng.randrange(9)
     if form == 0:
         return f"{_cap(a)}, but {b}."
@@ -876,12 +891,13 @@ def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bo
 def _concession(rng: random.Random, film: _Film, sign: int, past: bool) -> str:
     """A positive review's one flaw (sign > 0) or a negative review's one bright spot."""
     aspect = rng.choice(ASPECTS)
-    subject, _ = _subject(rng, film, aspect)
     if sign > 0:
         what = rng.choice(("weak spot", "real flaw", "problem", "complaint", "misstep"))
-        tail = rng.choice(("", f", which {'was' if past else 'is'} {_adjective(rng, aspect, -1)}"))
+        subject, plural = _subject(rng, film, aspect)
+        tail = rng.choice(("", f", which {_be(plural, past)} {_adjective(rng, aspect, -1)}"))
         return f"My only {what} is {subject}{tail}."
     what = rng.choice(("bright spot", "saving grace", "good thing", "redeeming feature"))
+    subject, _ = _subject(rng, film, aspect)
     return f"The only {what} is {subject}{_one(rng, '|, and even that is not enough')}."
 
 
@@ -903,6 +919,7 @@ def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> s
         other=film.other,
         year=film.year,
         genre=film.genre,
+        genres=_plural(film.genre),
         a_genre=_a(film.genre),
         director=film.director,
         lead=film.lead,
@@ -916,7 +933,9 @@ def _fill(rng: random.Random, template: str, film: _Film, valence: int = 0) -> s
         twist_short=rng.choice(TWISTS_SHORT),
         place=rng.choice(PLACES),
         name=_name(rng),
-        fan=_one(rng, f"fans of {film.lead}|anyone who likes {film.genre}s|the whole family"),
+        fan=_one(
+            rng, f"fans of {film.lead}|anyone who likes {_plural(film.genre)}|the whole family"
+        ),
         a_adj=_a(adj) if adj else "",
         end=_end(rng, valence),
     )
@@ -994,7 +1013,8 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
         return _frame(rng, ARCS[_sign(_valence(rng, rating))], film)
     v = _valence(rng, rating)
     if kind < 0.57:  # two remarks in one sentence
-        a, b = _remark(rng, film, v, past), _remark(rng, film, _sign(v), past)
+        x, y = rng.sample(ASPECTS, 2)
+        a, b = _remark(rng, film, v, past, x), _remark(rng, film, _sign(v), past, y)
         return f"{_cap(a)}{_one(rng, ', and|;| and| -|, and also')} {b}{_end(rng, v)}"
     remark = _remark(rng, film, v, past)
     if rng.random() < 0.1:  # "Honestly, the score is lovely."
