@@ -123,7 +123,14 @@ def test_tokenizer_round_trips_generated_reviews_at_any_token_boundary(tokenizer
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     plain = ids[1:]
     k = round(cut * len(plain))
-    assert tokenizer.decode(plain[:k]) + tokenizer.decode(plain[k:]) == text
+    prefix, rest = tokenizer.decode(plain[:k]), tokenizer.decode(plain[k:])
+    assert prefix + rest == text
+    # Encoding the two texts apart gives the same ids: a prompt tokenized alone and its
+    # completion tokenized alone are the review's own tokens (no merge across the cut).
+    encode = tokenizer.encode
+    assert (
+        encode(prefix, add_special_tokens=False) + encode(rest, add_special_tokens=False) == plain
+    )
 
 
 @settings(max_examples=60, deadline=None)
