@@ -514,11 +514,19 @@ RECOMMENDATIONS = {
         "Do not miss it.",
         "A must-see.",
         "Do yourself a favor and watch it.",
+        "Run, do not walk, to [see it|the nearest cinema].",
+        "Easily one of the best films of [the year|the decade].",
+        "Put it at the top of your [list|watchlist].",
+        "See it with someone you love.",
     ),
     1: (
         "Worth [a look|a rental|your time|the price of a ticket].",
         "I would recommend it to {fan}.",
         "A good choice for [a quiet evening|a family night|a long flight].",
+        "Worth seeing at least once.",
+        "Give it a chance.",
+        "A solid pick for [a Friday night|a rainy afternoon|date night].",
+        "Not perfect, but worth your time.",
     ),
     -1: (
         "Wait for it to show up on streaming.",
@@ -527,6 +535,10 @@ RECOMMENDATIONS = {
         "I would not recommend it.",
         "[Only|Strictly] for die-hard fans of {lead}, and even they may be disappointed.",
         "Not worth the price of a ticket.",
+        "I regret [buying the ticket|renting it|staying until the end].",
+        "I would skip it.",
+        "Not terrible, but not worth going out for.",
+        "Maybe catch it on TV [someday|if nothing else is on].",
     ),
     -2: (
         "Save your money.",
@@ -536,6 +548,10 @@ RECOMMENDATIONS = {
         "Skip it, and watch {other} instead.",
         "A [complete|total] waste of time.",
         "[Easily|Truly|Hands down] the worst film I have seen [this year|in ages].",
+        "Stay far away.",
+        "Do not bother.",
+        "[Painful|Miserable] to sit through.",
+        "Avoid, avoid, avoid.",
     ),
 }
 # Whole clauses about one aspect, by aspect and sign.
@@ -946,9 +962,13 @@ def _frame(rng: random.Random, frames: tuple[str, ...], film: _Film, valence: in
 
 
 def _verdict(rng: random.Random, film: _Film, rating: int) -> str:
-    form = rng.randrange(5)
+    form = rng.randrange(6)
     if form == 0:
         return f"{rating}/10."
+    if form == 5:
+        if rating <= 3:
+            return f"{rating} out of 10, and that is being generous."
+        return _one(rng, f"{rating}/10 from me.|I give it a {rating}.|{rating} out of 10.")
     if form == 1:
         return f"{_one(rng, 'My rating|Rating|Score')}: {rating} out of 10."
     if form == 2:
