@@ -45,6 +45,7 @@ TEST = [
     "trl>=1.16,<2",
     "pytest>=9.2,<10",
     "pytest-xdist>=3.8,<4",
+    "pytest-rerunfailures>=16.7,<17",
     "hypothesis>=6.170,<7",
     "chex>=0.1.92,<0.2",
     "ruff>=0.17,<0.18",
