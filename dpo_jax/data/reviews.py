@@ -15,29 +15,31 @@ evaluative nouns, aspect idioms such as "the dialogue crackles", negated opposit
 "although" / "yet" / "though"), over lexicons graded by valence (strong and mild, positive
 and negative, general and aspect-specific) and neutral descriptive words. Mixed reviews set
 praise against criticism; one-sided reviews sometimes concede a flaw or a bright spot.
-Punctuation varies ("!", "...", ";", " - ", questions, quoted titles, "7/10").
+Punctuation varies ("!", "...", ";", " - ", questions, quoted titles, "7/10"); some
+reviewers write contractions ("isn't", "I'd"), a few all in lowercase.
 
-What it is not: IMDb. Real reviews are longer (about 230 words on average against 37
+What it is not: IMDb. Real reviews are longer (about 230 words on average against 38
 here), wander off topic, quote dialogue, misspell, use slang, markup and sarcasm, and
 discuss real films and people. Here every sentence is grammatical and on topic, the
-vocabulary is closed (about 1,900 word types in 20,000 reviews, against IMDb's 100,000+),
+vocabulary is closed (about 2,000 word types in 20,000 reviews, against IMDb's 100,000+),
 and a review's sentiment is whatever its rating asked for. VADER, the small configuration's
 reward, reads it roughly as a reader would but not exactly (it scores "steals the show" as
-negative and "do not waste your time" as positive, and knows neither "wooden" nor
-"contrived"): on 2,000 reviews (seed 0) the mean compound score is about +0.45 for positive,
-+0.15 for mixed and -0.2 to -0.25 for negative reviews, spread over the whole of [-1, 1]
-(2% beyond +-0.95). It keeps what the DPO paper's experiment needs: prefixes that leave the
-continuation's sentiment open, a spread of rewards, and enough variety that a small model
-must learn a distribution, not a list (20,000 reviews hold about 80,000 sentences, 63,000 of
-them distinct).
+negative and "do not bother" as positive, and knows neither "wooden" nor "contrived"): on
+the first 6,000 reviews of seed 0 the mean compound score is +0.47 for positive, +0.15 for
+mixed and -0.20 for negative reviews (correlation with the rating 0.52), spread over the
+whole of [-1, 1] (3% beyond +-0.95). It keeps what the DPO paper's experiment needs:
+prefixes that leave the continuation's sentiment open, a spread of rewards, and enough
+variety that a small model must learn a distribution, not a list (20,000 reviews hold
+about 80,000 sentences, 63,000 of them distinct; 50% positive, 36% negative, 14% mixed).
 
 Records use the SFT format of `dpo_jax.data.formats`: `{"prompt": "", "completion": text}`,
 plus the generator's `rating` and `tone` (which the readers ignore; kept for analysis).
 
 `write_review_tokenizer` trains a byte-level BPE tokenizer (GPT-2's pre-tokenization, so
 any split of a text at token boundaries decodes back to the exact text) with the specials
-and Llama-style BOS of `dpo_jax.data.synthetic`; with 2,048 tokens a review is about 50
-tokens (4 characters a token).
+and Llama-style BOS of `dpo_jax.data.synthetic`. With 2,048 tokens trained on 6,000
+reviews, a held-out review is 58 tokens on average (3.6 characters a token; 0.3% of reviews
+are longer than 127 tokens).
 """
 
 from __future__ import annotations
