@@ -277,11 +277,12 @@ SPECIFIC = {
     "acting": {
         1: _w(
             "convincing|nuanced|natural|believable|magnetic|committed|moving|heartfelt|"
-            "understated|fearless|layered|charismatic|touching"
+            "understated|fearless|layered|charismatic|touching|luminous|"
+            "warm|restrained|electric|endearing"
         ),
         -1: _w(
             "wooden|unconvincing|hammy|overwrought|stilted|one-note|bored|miscast|forced|"
-            "shrill|lifeless|annoying|weak|lousy|bad"
+            "shrill|lifeless|annoying|weak|lousy|bad|mannered|awkward"
         ),
     },
     "direction": {
@@ -430,6 +431,15 @@ OPENINGS = {
         "{title} ({year}) is {a_adj} [mess|letdown|disappointment].",
     ),
 }
+# A mixed review's evaluative opening.
+MIXED_OPENINGS = (
+    "{title} is a mixed bag.",
+    "I have mixed feelings about {title}.",
+    "{title} is neither a triumph nor a disaster.",
+    "There is a [good|better] film somewhere inside {title}.",
+    "{title} is [half|two thirds of] a good {genre}.",
+    "I [cannot|can't] decide whether I liked {title}.",
+)
 PLOTS = (
     "The story follows {role} who {goal}.",
     "{lead} plays {role} who {goal} in {setting}.",
@@ -566,6 +576,8 @@ IDIOMS = {
             "{support} makes the most of a small role",
             "{lead} and {support} have [real|easy|wonderful] chemistry",
             "you believe every word {lead} says",
+            "{lead} does more with a look than most actors do with a speech",
+            "even the smallest roles are [perfectly|beautifully|lovingly] cast",
         ),
         -1: (
             "{lead} gives [a flat|a wooden|a lazy|an awful|a bored] performance",
@@ -573,6 +585,8 @@ IDIOMS = {
             "{support} is wasted in a thankless role",
             "{lead} and {support} have no chemistry at all",
             "{lead} seems to be reading the lines off a card",
+            "{lead} shouts every line as if volume were acting",
+            "nobody in the cast seems to know what film they are in",
         ),
     },
     "direction": {
@@ -594,6 +608,8 @@ IDIOMS = {
             "every joke lands",
             "the twist caught me completely off guard",
             "the characters feel like real people",
+            "every scene has a reason to be there",
+            "the ending earns every tear",
             "the script [never talks down to the audience|trusts the audience]",
         ),
         -1: (
@@ -603,6 +619,8 @@ IDIOMS = {
             "the characters are cardboard cutouts",
             "the plot holes are big enough to drive a truck through",
             "the script explains everything twice",
+            "every character talks like a fortune cookie",
+            "the ending comes out of nowhere",
         ),
     },
     "music": {
@@ -610,6 +628,7 @@ IDIOMS = {
             "the score swells at [all the right moments|exactly the right moment]",
             "the songs were stuck in my head for days",
             "the music does half the storytelling",
+            "I bought the soundtrack on the way home",
         ),
         -1: (
             "the score tells you what to feel in every scene",
@@ -622,11 +641,13 @@ IDIOMS = {
             "every frame [could hang in a gallery|looks like a painting]",
             "{setting} has never looked [better|so beautiful]",
             "the effects hold up [beautifully|even today]",
+            "you could freeze any frame and frame it",
         ),
         -1: (
             "every frame looks like [a screensaver|a cheap commercial|a video game cutscene]",
             "the effects look [unfinished|twenty years old|like cardboard]",
             "half the scenes are too dark to see",
+            "the green screen is obvious in every shot",
         ),
     },
     "pacing": {
@@ -634,12 +655,14 @@ IDIOMS = {
             "two hours [fly|flew] by",
             "it never overstays its welcome",
             "there is not a wasted minute",
+            "I never once looked at my watch",
             "the tension [builds|keeps building] [beautifully|steadily|until the very last scene]",
         ),
         -1: (
             "two hours feel like four",
             "it overstays its welcome by [half an hour|a good forty minutes]",
             "nothing happens for the first hour",
+            "I checked my watch three times in the first act",
             "the ending goes on and on",
         ),
     },
@@ -1054,7 +1077,9 @@ def _review(rng: random.Random) -> Review:
         v = 0 if rng.random() < 0.6 else _valence(rng, rating)
         if tone != "mixed":  # a one-sided review opens on its own side
             v = abs(v) if rating > 5 else -abs(v)
-        head.append(_frame(rng, OPENINGS[v and _sign(v)], film, v))
+            head.append(_frame(rng, OPENINGS[v and _sign(v)], film, v))
+        else:
+            head.append(_frame(rng, MIXED_OPENINGS if v else OPENINGS[0], film))
     if n - len(head) >= 3 and rng.random() < 0.55:
         head.append(_frame(rng, PLOTS, film))
     if n - len(head) >= 2 and rng.random() < 0.6:
