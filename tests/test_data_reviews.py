@@ -208,6 +208,8 @@ def test_corpus_reads_through_the_sft_path_and_reruns_are_identical(tmp_path):
         f.write('{"prompt": "", "completion": "edited"}\n')
     reviews.write_review_corpus(tmp_path / "a", 120, 30, seed=1)
     assert _files(tmp_path / "a") == before
+    with pytest.raises(ValueError, match="num_train"):
+        reviews.write_review_corpus(tmp_path / "c", 0, 30, seed=1)
     # Other arguments rewrite the directory.
     reviews.write_review_corpus(tmp_path / "a", 100, 30, seed=1)
     assert len(list(sources.iter_records(corpus.train_path))) == 100
