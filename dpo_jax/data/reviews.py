@@ -25,9 +25,9 @@ vocabulary is closed (about 2,000 word types in 20,000 reviews, against IMDb's 1
 and a review's sentiment is whatever its rating asked for. VADER, the small configuration's
 reward, reads it roughly as a reader would but not exactly (it scores "steals the show" as
 negative and "do not bother" as positive, and knows neither "wooden" nor "contrived"): on
-the first 6,000 reviews of seed 0 the mean compound score is +0.47 for positive, +0.15 for
-mixed and -0.20 for negative reviews (correlation with the rating 0.52), spread over the
-whole of [-1, 1] (3% beyond +-0.95). It keeps what the DPO paper's experiment needs:
+the first 6,000 reviews of seed 0 the mean compound score is +0.46 for positive, +0.19 for
+mixed and -0.23 for negative reviews (correlation with the rating 0.53), spread over the
+whole of [-1, 1] (2% beyond +-0.95). It keeps what the DPO paper's experiment needs:
 prefixes that leave the continuation's sentiment open, a spread of rewards, and enough
 variety that a small model must learn a distribution, not a list (20,000 reviews hold
 about 80,000 sentences, 63,000 of them distinct; 50% positive, 36% negative, 14% mixed).
@@ -827,8 +827,9 @@ def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
 
 
 def _adjective(rng: random.Random, aspect: str, valence: int) -> str:
-    """Strong valences use the general strong words; mild ones mix general and aspect words."""
-    if abs(valence) == 2 or rng.random() < 0.4:
+    """Strong valences use the general strong words; mild ones mix general and aspect words
+    (pacing only its own: "the running time is sweet" reads as a glitch)."""
+    if abs(valence) == 2 or (aspect != "pacing" and rng.random() < 0.4):
         return rng.choice(GENERAL[valence])
     return rng.choice(SPECIFIC[aspect][_sign(valence)])
 
