@@ -486,6 +486,9 @@ ASIDES = (
     "It is the [second|third] film in a [planned trilogy|long-running series].",
     "It is a remake of {other}.",
     "I [had not read|had read] the [novel|book|comic] before.",
+    "I went in knowing nothing about it.",
+    "There is a [short|second] scene after the credits.",
+    "[Most of|Half of] the film takes place [at night|in one house|on a train].",
 )
 # Looking back (sign of the review).
 RETROSPECTIVES = {
@@ -509,6 +512,8 @@ COMPARISONS = {
         "Compared with {director}'s earlier {other}, it is a big step forward.",
         "It is no {other}, but it has its moments.",
         "Think {other} with [more heart|better jokes|a sharper script].",
+        "It is the best {genre} since {other}.",
+        "It borrows [a lot|plenty] from {other} and improves on it.",
     ),
     -1: (
         "It is [far|much|a little] worse than {other}.",
@@ -517,6 +522,8 @@ COMPARISONS = {
         "Compared with {director}'s earlier {other}, it feels like a step backward.",
         "It is no {other}, and it is not even close.",
         "Watch {other} instead.",
+        "It makes {other} look like a masterpiece.",
+        "It borrows [a lot|everything] from {other} and does nothing with it.",
     ),
 }
 RECOMMENDATIONS = {
@@ -992,6 +999,8 @@ def _verdict(rng: random.Random, film: _Film, rating: int) -> str:
     if form == 0:
         return f"{rating}/10."
     if form == 5:
+        if rating >= 9 or rating <= 2:
+            return _one(rng, f"Two thumbs {'up' if rating > 5 else 'down'}.|{rating}/10.")
         if rating <= 3:
             return f"{rating} out of 10, and that is being generous."
         return _one(rng, f"{rating}/10 from me.|I give it a {rating}.|{rating} out of 10.")
