@@ -25,8 +25,8 @@ vocabulary is closed (about 2,000 word types in 20,000 reviews, against IMDb's 1
 and a review's sentiment is whatever its rating asked for. VADER, the small configuration's
 reward, reads it roughly as a reader would but not exactly (it scores "steals the show" as
 negative and "do not bother" as positive, and knows neither "wooden" nor "contrived"): on
-the first 6,000 reviews of seed 0 the mean compound score is +0.46 for positive, +0.19 for
-mixed and -0.23 for negative reviews (correlation with the rating 0.53), spread over the
+the first 6,000 reviews of seed 0 the mean compound score is +0.47 for positive, +0.22 for
+mixed and -0.21 for negative reviews (correlation with the rating 0.53), spread over the
 whole of [-1, 1] (2% beyond +-0.95). It keeps what the DPO paper's experiment needs:
 prefixes that leave the continuation's sentiment open, a spread of rewards, and enough
 variety that a small model must learn a distribution, not a list (20,000 reviews hold
