@@ -38,7 +38,7 @@ plus the generator's `rating` and `tone` (which the readers ignore; kept for ana
 `write_review_tokenizer` trains a byte-level BPE tokenizer (GPT-2's pre-tokenization, so
 any split of a text at token boundaries decodes back to the exact text) with the specials
 and Llama-style BOS of `dpo_jax.data.synthetic`. With 2,048 tokens trained on 6,000
-reviews, a held-out review is 58 tokens on average (3.6 characters a token; 0.3% of reviews
+reviews, a held-out review is 60 tokens on average (3.6 characters a token; 0.3% of reviews
 are longer than 127 tokens).
 """
 
