@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16")
 # or also the results of its matmuls (jax.checkpoint_policies of the same name; the
 # no-batch-dims one keeps the projections, not the attention score/value einsums).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Self-attention kernel (dpo_jax.models.attention): the [L, L] einsum, jax.nn's
+# dot_product_attention, or the Pallas TPU splash kernel. Same math, same values.
+ATTENTION_IMPLS = ("xla", "dot_product", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,10 @@ class ModelConfig:
       scan_layers: run the blocks as one `nn.scan` over stacked params (a leading
         [num_layers] axis, logical name "layers"): compile time independent of depth.
         Params then have another layout (`decoder.stack_layers` / `unstack_layers`).
+      attention: self-attention kernel of the full forward, one of ATTENTION_IMPLS: "xla"
+        (einsum over [L, L] scores), "dot_product" (jax.nn.dot_product_attention) or
+        "splash" (Pallas TPU splash attention, blockwise; no sliding_window; L a multiple
+        of 128). KV-cache decoding always uses the einsum.
       initializer_range: std of the normal init of kernels and embeddings.
       extra: hashable tuple of (key, value) pairs copied verbatim into exported configs
         (bos/eos token ids and the like); never affects the math.
@@ -90,6 +97,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "xla"
     initializer_range: float = 0.02
     extra: tuple[tuple[str, Any], ...] = ()
 
@@ -121,6 +129,17 @@ class ModelConfig:
         check(
             self.sliding_window is None or self.sliding_window > 0,
             f"sliding_window={self.sliding_window} must be positive or None",
+        )
+        check(
+            self.attention in ATTENTION_IMPLS,
+            f"attention={self.attention!r} not in {ATTENTION_IMPLS}",
+        )
+        # The splash kernel masks by index, the window is by position (they differ when
+        # positions skip, e.g. a shared prompt): refuse rather than compute something else.
+        check(
+            not (self.attention == "splash" and self.sliding_window is not None),
+            f"attention='splash' cannot apply sliding_window={self.sliding_window} (a "
+            "window over positions); use attention='dot_product' or 'xla'",
         )
 
     @property

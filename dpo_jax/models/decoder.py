@@ -30,17 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.models.attention import Segments, decode_mask
 from dpo_jax.models.config import ModelConfig
-from dpo_jax.models.layers import (
-    Attention,
-    Mlp,
-    Norm,
-    attention_mask,
-    compute_dtype,
-    decode_mask,
-    param,
-    rope_tables,
-)
+from dpo_jax.models.layers import Attention, Mlp, Norm, compute_dtype, param, rope_tables
 
 _ACT = ("act_batch", "act_length", "act_embed")
 _LOGITS = ("act_batch", "act_length", "act_vocab")
@@ -216,7 +208,7 @@ class DecoderLM(nn.Module):
         cfg = self.config
         positions, segment_ids = self._defaults(tokens, positions, segment_ids)
         x, cos, sin = self._embed(tokens, positions)
-        mask = attention_mask(positions, segment_ids, cfg.sliding_window)
+        mask = Segments(segment_ids, positions)  # masked inside each layer's attention kernel
         if cfg.scan_layers:
             x, _ = self.layers(x, mask, cos, sin, None, None)
         else:

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.models import attention
 from dpo_jax.models.config import ModelConfig
-
-_NEG_INF = float(np.finfo(np.float32).min)
 
 
 def compute_dtype(config: ModelConfig):
@@ -111,46 +110,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([out, x_pass], axis=-1)
 
 
-def attention_mask(
-    positions: jax.Array, segment_ids: jax.Array, sliding_window: int | None
-) -> jax.Array:
-    """Boolean mask [B, 1, 1, L, L] (query, key): causal by index, same non-zero segment,
-    and query_pos - key_pos < sliding_window when a window is set (HF: kv > q - window)."""
-    length = segment_ids.shape[-1]
-    idx = jnp.arange(length)
-    causal = idx[:, None] >= idx[None, :]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
-    mask = causal[None] & same
-    if sliding_window is not None:
-        mask &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
-    return mask[:, None, None]
-
-
-def decode_mask(
-    positions: jax.Array,
-    segment_ids: jax.Array,
-    cache_positions: jax.Array,
-    cache_segment_ids: jax.Array,
-    index: jax.Array,
-    sliding_window: int | None,
-) -> jax.Array:
-    """Boolean mask [B, 1, 1, L, S] of L new tokens (written at cache slots index..index+L-1)
-    against the S cache slots, which already hold them: causal by slot, same non-zero
-    segment, and the sliding window by position, exactly as `attention_mask` would mask the
-    whole sequence. positions, segment_ids: [B, L]; cache_positions, cache_segment_ids: [B, S].
-    """
-    query_slot = index + jnp.arange(positions.shape[-1])
-    key_slot = jnp.arange(cache_positions.shape[-1])
-    causal = key_slot[None, :] <= query_slot[:, None]
-    same = (segment_ids[:, :, None] == cache_segment_ids[:, None, :]) & (
-        segment_ids[:, :, None] != 0
-    )
-    mask = causal[None] & same
-    if sliding_window is not None:
-        mask &= (positions[:, :, None] - cache_positions[:, None, :]) < sliding_window
-    return mask[:, None, None]
-
-
 # Cache k/v [B, S, K, H]: batch over the data axes like every activation; the kv-head dim is
 # left to XLA so that it follows the k/v kernels (whose "kv_heads" may be tensor-sharded, or
 # left whole when K does not divide the tensor axis).
@@ -160,10 +119,13 @@ CACHE_AXES = ("act_batch", "act_length", jax.sharding.PartitionSpec.UNCONSTRAINE
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with rope (optional) and segment masking.
 
-    x: [B, L, D], mask: [B, 1, 1, L, L], rope: (cos, sin) [B, L, rotary_dim] or None.
+    x: [B, L, D], rope: (cos, sin) [B, L, rotary_dim] or None.
     cache: None (keys and values are x's own), or (k, v, index) when decoding: k, v
       [B, S, K, H] cache arrays and the slot `index` [] int32 where x's keys and values are
-      written; the mask is then [B, 1, 1, L, S] over the updated cache (`decode_mask`).
+      written.
+    mask: without a cache, `attention.Segments` (segment_ids, positions [B, L]), attended
+      by the kernel `config.attention` names; with one, the boolean [B, 1, 1, L, S] mask
+      over the updated cache (`attention.decode_mask`).
     Returns (y [B, L, D], (k, v) updated cache arrays, or None without a cache).
     """
 
@@ -202,13 +164,17 @@ class Attention(nn.Module):
             new_cache = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
 
-        B, L = x.shape[:2]
-        q = q.reshape(B, L, K, N // K, H)
-        scores = jnp.einsum("BQKGH,BSKH->BKGQS", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (H**-0.5)
-        scores = jnp.where(mask, scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("BKGQS,BSKH->BQKGH", probs, v).reshape(B, L, N, H)
+        if cache is None:
+            # `init` only creates params and drops its output: the einsum takes its dummy
+            # batch of any length (a fused kernel may not, e.g. splash's 128-token blocks).
+            name = "xla" if self.is_initializing() else cfg.attention
+            implementation = attention.IMPLEMENTATIONS[name]
+            out = implementation(q, k, v, *mask, sliding_window=cfg.sliding_window)
+        else:
+            # Decoding attends L new queries to S cache slots (not a square causal
+            # problem the fused kernels take), so it keeps the einsum whatever
+            # config.attention says; its logits equal the full forward's either way.
+            out = attention.masked_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
 
         wo = param(self, "o_kernel", (N, H, D), ("heads", "head_dim", "embed"), init)

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Run the blocks as one nn.scan over stacked params: compile time independent of depth
     # (32 layers compile several times faster); params get a leading [num_layers] axis.
     c.model.scan_layers = False
+    # Attention kernel: xla (einsum) | dot_product (jax.nn.dot_product_attention) | splash
+    # (Pallas TPU kernel; L a multiple of 128, no sliding window). Same values, same grads.
+    c.model.attention = "xla"
 
     # --- Data ----------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -66,6 +66,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int):
         "dtype": m.dtype,
         "remat": m.remat,
         "scan_layers": m.scan_layers,
+        "attention": m.attention,
     }
     if m.hf_path:
         dtype = overrides.pop("dtype")

@@ -21,7 +21,7 @@ from dpo_jax.data.formats import PREFERENCE_FORMATS
 from dpo_jax.data.tokenize import TokenizeConfig
 from dpo_jax.evaluation.inputs import REWARDS
 from dpo_jax.models import presets
-from dpo_jax.models.config import REMAT_POLICIES
+from dpo_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from dpo_jax.models.lora import LoraConfig
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import ScoringOptions
@@ -291,6 +291,15 @@ def _check_model(c: _Checker) -> None:
         f"expected one of {REMAT_POLICIES} (or True / False: full / none)",
     )
     c.require("model.scan_layers", lambda v: isinstance(v, bool), "must be True or False")
+    c.require(
+        "model.attention", lambda v: v in ATTENTION_IMPLS, f"expected one of {ATTENTION_IMPLS}"
+    )
+    if model.attention == "splash":
+        # Every batch length must tile into the kernel's 128-token blocks.
+        splash = "attention='splash' needs a multiple of 128"
+        c.require("data.max_length", lambda v: v % 128 == 0, splash)
+        if c.config.data.layout == "padded":
+            c.require("data.pad_to_multiple_of", lambda v: v % 128 == 0, splash + " (or 0)")
     if model.hf_path:
         c.require(
             "model.hf_path",
