@@ -123,6 +123,7 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> models.Model
     m = config.model
     fields = {**m.overrides.to_dict(), "dtype": m.dtype, "remat": m.remat}
     fields["scan_layers"] = bool(m.get("scan_layers", False))
+    fields["attention"] = m.get("attention", "xla")
     fields.update(overrides)
     if m.hf_path:
         where = os.path.join(m.hf_path, "config.json")
