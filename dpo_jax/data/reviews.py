@@ -206,7 +206,7 @@ PLACES = _w(
 # {director}, {role} are filled from the film.
 SUBJECTS = {
     "acting": _w(
-        "the acting|the cast*|the performances*|the ensemble|{lead}|{support}|{lead}'s "
+        "the acting|the cast|the performances*|the ensemble|{lead}|{support}|{lead}'s "
         "performance|the supporting cast|the chemistry between the leads|{support} as "
         "{role2}|{lead} as {role}|the child actors*|the villain|the young lead|the narrator|"
         "the voice cast*|the henchmen*|the two leads*|the cameo by {name}|{support}'s sidekick"
@@ -241,8 +241,12 @@ SUBJECTS = {
         "the opening twenty minutes*|the epilogue|the training montage|the chase sequence|"
         "the last act|the slow burn|the rhythm of the edit"
     ),
+    # The film as a whole.
+    "overall": _w("the film|this movie|it|{title}|the whole thing|this one|the movie"),
 }
 ASPECTS = tuple(SUBJECTS)
+# Aspects that are parts of a film (a concession or a list names a part, not the whole).
+PARTS = tuple(a for a in ASPECTS if a != "overall")
 
 # Adjectives by valence: +2 strong praise, +1 mild praise, -1 mild, -2 strong criticism.
 GENERAL = {
@@ -312,6 +316,10 @@ SPECIFIC = {
     "pacing": {
         1: _w("brisk|tight|gripping|tense|thrilling|exciting|riveting|lively|efficient"),
         -1: _w("sluggish|slow|bloated|plodding|rushed|exhausting|endless|boring|tedious|dull"),
+    },
+    "overall": {
+        1: _w("watchable|heartwarming|uplifting|absorbing|rewarding|memorable|moving|timely"),
+        -1: _w("pointless|unwatchable|overrated|boring|depressing|forgettable|exhausting|dull"),
     },
 }
 STRONG = _w("truly|incredibly|extremely|absolutely|remarkably|genuinely|utterly|simply|so")
@@ -673,6 +681,20 @@ IDIOMS = {
             "the ending goes on and on",
         ),
     },
+    "overall": {
+        1: (
+            "it does exactly what it sets out to do",
+            "it earns its place among the best {genres}",
+            "it is the kind of film they do not make anymore",
+            "it is a reminder of why I love the movies",
+        ),
+        -1: (
+            "it never figures out what it wants to be",
+            "it feels twice as long as it is",
+            "it is the kind of film that gives {genres} a bad name",
+            "it is a film nobody asked for",
+        ),
+    },
 }
 # "{subject} is a real gem", "... an absolute mess".
 NOUNS = {
@@ -828,6 +850,7 @@ def _subject(rng: random.Random, film: _Film, aspect: str) -> tuple[str, bool]:
         director=film.director,
         role=_the(film.role),
         role2=_the(film.role2),
+        title=film.title,
         name=_name(rng) if "{name}" in text else "",
     )
     return text, plural
@@ -902,6 +925,8 @@ def _remark(
         if rng.random() < 0.4:
             noun = f"{rng.choice(NOUN_MODIFIERS[sign])} {noun}"
         return f"{subject} {_be(plural, past)} {_a(noun)}"
+    if aspect == "overall":  # the whole is not a part of the film
+        return f"{subject} {_be(plural, past)} {_a(rng.choice(NOUNS[valence]))}"
     part = _one(rng, "best|strongest|most memorable" if sign > 0 else "worst|weakest")
     return f"{subject} {_be(plural, past)} the {part} part of the film"
 
@@ -939,7 +964,7 @@ def _contrast(rng: random.Random, film: _Film, first: int, second: int, past: bo
 
 def _concession(rng: random.Random, film: _Film, sign: int, past: bool) -> str:
     """A positive review's one flaw (sign > 0) or a negative review's one bright spot."""
-    aspect = rng.choice(ASPECTS)
+    aspect = rng.choice(PARTS)
     if sign > 0:
         what = rng.choice(("weak spot", "real flaw", "problem", "complaint", "misstep"))
         subject, plural = _subject(rng, film, aspect)
@@ -1034,7 +1059,7 @@ def _valence(rng: random.Random, rating: int) -> int:
 
 def _list_sentence(rng: random.Random, rating: int) -> str:
     """A verdict in noun phrases: "Wooden acting, a clever script and gorgeous songs." """
-    aspects = rng.sample(ASPECTS, rng.choice((2, 3, 3)))
+    aspects = rng.sample(PARTS, rng.choice((2, 3, 3)))
     items = []
     for aspect in aspects:
         noun = rng.choice(LIST_NOUNS[aspect])
