@@ -145,7 +145,8 @@ def loss_curve(
 
     Pair i has reference log-probs `base_logps` on both sides, policy log-probs
     `base_logps + m_i / 2` (chosen) and `base_logps - m_i / 2` (rejected), and `length` scored
-    tokens per response, so reference-free losses see the same policy log-probs.
+    tokens per response, so reference-free losses see the same policy log-probs. Losses on
+    per-token log-probs (e.g. unlikelihood) see each sum spread evenly over `length` tokens.
     log_ratio_margins: [B] increasing, B >= 2 (order-based losses such as AOT sort the batch).
     Returns numpy [B] arrays: `reward_margin` (the loss's own chosen - rejected reward; for
     DPO `beta * m`), `loss`, and `weight = -d loss / d reward_margin` (how hard a gradient
@@ -156,12 +157,20 @@ def loss_curve(
     if m.ndim != 1 or m.shape[0] < 2:
         raise ValueError(f"log_ratio_margins must be a 1-D sweep of >= 2 values, got {m.shape}")
     ones = jnp.ones_like(m)
+    num_tokens = max(int(round(length)), 1)
+    token_mask = jnp.ones((m.shape[0], num_tokens), jnp.float32)
+
+    def per_token(sums):  # [B] -> [B, num_tokens], same sum
+        return jnp.broadcast_to((sums / num_tokens)[:, None], token_mask.shape)
 
     def evaluate(m):
+        chosen, rejected = base_logps + m / 2, base_logps - m / 2
         lp = losses.PreferenceLogps(
-            chosen_logps=base_logps + m / 2, rejected_logps=base_logps - m / 2,
+            chosen_logps=chosen, rejected_logps=rejected,
             ref_chosen_logps=base_logps * ones, ref_rejected_logps=base_logps * ones,
             chosen_lengths=length * ones, rejected_lengths=length * ones,
+            chosen_token_logps=per_token(chosen), rejected_token_logps=per_token(rejected),
+            chosen_loss_mask=token_mask, rejected_loss_mask=token_mask,
         )  # fmt: skip
         out = fn(lp, beta=beta, **hparams)
         return out.losses, out.chosen_rewards - out.rejected_rewards
