@@ -7,8 +7,9 @@ roles, setting, plot) and is written by a compositional grammar. The reviewer's 
 5-6, "positive" 7-10: IMDb's labelling rule, with the middle kept) and, sentence by
 sentence, the odds and strength of praise versus criticism. A review is 2-6 sentences: an
 opening (the film, its maker, how the reviewer came to see it), a plot summary, remarks on
-aspects (acting, direction, writing, music, visuals, pacing), reactions, asides and
-production notes, comparisons with other made-up films, a recommendation and a verdict.
+aspects (acting, direction, writing, music, visuals, pacing) and on the whole film,
+reactions, asides, production notes, comparisons with other made-up films, a
+recommendation and a verdict.
 Remarks come from many frames (copulas, verbs, "I loved ...", "... had me in tears",
 evaluative nouns, aspect idioms such as "the dialogue crackles", negated opposites such as
 "never boring" or "hardly convincing", hedges, intensifiers, contrasts with "but" /
@@ -25,12 +26,12 @@ vocabulary is closed (about 2,000 word types in 20,000 reviews, against IMDb's 1
 and a review's sentiment is whatever its rating asked for. VADER, the small configuration's
 reward, reads it roughly as a reader would but not exactly (it scores "steals the show" as
 negative and "do not bother" as positive, and knows neither "wooden" nor "contrived"): on
-the first 6,000 reviews of seed 0 the mean compound score is +0.47 for positive, +0.22 for
+the first 6,000 reviews of seed 0 the mean compound score is +0.47 for positive, +0.23 for
 mixed and -0.21 for negative reviews (correlation with the rating 0.53), spread over the
 whole of [-1, 1] (2% beyond +-0.95). It keeps what the DPO paper's experiment needs:
 prefixes that leave the continuation's sentiment open, a spread of rewards, and enough
 variety that a small model must learn a distribution, not a list (20,000 reviews hold
-about 80,000 sentences, 63,000 of them distinct; 50% positive, 36% negative, 14% mixed).
+about 80,000 sentences, 63,000 of them distinct; 49% positive, 36% negative, 15% mixed).
 
 Records use the SFT format of `dpo_jax.data.formats`: `{"prompt": "", "completion": text}`,
 plus the generator's `rating` and `tone` (which the readers ignore; kept for analysis).
@@ -1046,15 +1047,16 @@ def _verdict(rng: random.Random, film: _Film, rating: int) -> str:
 
 # ----------------------------------------------------------------------------- reviews
 
-# P(a remark praises) and P(a remark uses strong words), by rating.
-P_PRAISE = {1: 0.03, 2: 0.07, 3: 0.15, 4: 0.25, 5: 0.42, 6: 0.58, 7: 0.75, 8: 0.85, 9: 0.93}
-P_PRAISE[10] = 0.97
-P_STRONG = {1: 0.75, 2: 0.55, 3: 0.3, 4: 0.15, 5: 0.1, 6: 0.1, 7: 0.15, 8: 0.3, 9: 0.55, 10: 0.75}
+# For ratings 1..10: P(a remark praises), symmetric about the middle, and P(it uses strong
+# words), high at the extremes.
+P_PRAISE = (0.03, 0.07, 0.15, 0.25, 0.42, 0.58, 0.75, 0.85, 0.93, 0.97)
+P_STRONG = (0.75, 0.55, 0.3, 0.15, 0.1, 0.1, 0.15, 0.3, 0.55, 0.75)
 
 
 def _valence(rng: random.Random, rating: int) -> int:
-    sign = 1 if rng.random() < P_PRAISE[rating] else -1
-    return sign * (2 if rng.random() < P_STRONG[rating] else 1)
+    """The valence (+2, +1, -1, -2) of one remark by a reviewer who gives `rating`."""
+    sign = 1 if rng.random() < P_PRAISE[rating - 1] else -1
+    return sign * (2 if rng.random() < P_STRONG[rating - 1] else 1)
 
 
 def _list_sentence(rng: random.Random, rating: int) -> str:
@@ -1103,6 +1105,7 @@ def _body_sentence(rng: random.Random, film: _Film, rating: int, past: bool, con
 
 
 def _review(rng: random.Random) -> Review:
+    """One review: rating, film, 2-6 sentences (opening, plot, body, recommendation/verdict)."""
     rating = rng.choices(list(RATING_WEIGHTS), weights=list(RATING_WEIGHTS.values()))[0]
     tone = tone_of(rating)
     film, past = _film(rng), rng.random() < 0.4
