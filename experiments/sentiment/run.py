@@ -317,7 +317,7 @@ def sft_run_config(config, p: Paths):
     c.data.train_files = (train,)
     c.data.tokenizer = tokenizer_dir
     c.data.max_length = config.sft.max_length
-    c.data.max_prompt_length = 8  # the prompt is empty: BOS at most
+    c.data.max_prompt_length = 1  # the prompt is empty: BOS at most
     c.data.pad_to_multiple_of = config.sft.max_length  # one shape, one compilation
     c.sft.steps = config.sft.steps
     c.sft.batch_size = config.sft.batch_size
@@ -498,7 +498,9 @@ def method_run_config(config, p: Paths, method: dict):
     # Every K-step checkpoint is kept: each is a point on the frontier.
     c.checkpoint.every_steps = t.eval_every
     c.checkpoint.keep = t.steps // t.eval_every + 1
-    c.eval.every_steps = t.eval_every
+    # The runs' own held-out loss and accuracy at the start and the end only: the frontier's
+    # points are the evaluate stage's.
+    c.eval.every_steps = t.steps
     c.export_hf = False
     return c
 
@@ -710,12 +712,33 @@ STAGE_FUNCTIONS = {
 }
 
 
+def check_inputs(config) -> None:
+    """The local files a configuration needs, named before anything runs."""
+    needed = []
+    if config.corpus.source == "imdb":
+        needed += [("corpus.train_path", "IMDb train reviews"), ("corpus.test_path", "test")]
+    if config.model.preset == "" or config.corpus.source == "imdb":
+        needed.append(("model.hf_path", "the base model's Hugging Face directory"))
+    if config.reward.name == "classifier":
+        needed.append(("reward.path", "the sentiment classifier's directory"))
+    missing = [f"--config.{key} ({what})" for key, what in needed if not _get(config, key)]
+    if missing:
+        raise ValueError(f"the {config.size!r} configuration needs: {', '.join(missing)}")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def run(config, workdir: str, results_dir: str = "", stage: str = "all") -> dict:
     """Runs the stages (all, or one whose predecessors are done); returns {stage: seconds}
     of the stages that ran now. A finished stage is skipped (report always runs)."""
     p = Paths(
         os.path.abspath(workdir), os.path.abspath(results_dir or os.path.join(workdir, "results"))
     )
+    check_inputs(config)
     os.makedirs(p.workdir, exist_ok=True)
     claim_workdir(config, p)
     wanted = STAGES if stage == "all" else (stage,)
