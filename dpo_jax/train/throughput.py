@@ -177,7 +177,9 @@ class Meter:
     def add(self, batch) -> None:
         """Counts one step's host batch (before it is sent to the devices)."""
         self.tokens += float(np.count_nonzero(batch["segment_ids"]))
-        mask = batch["example_mask" if self.stage == "sft" else "pair_mask"]
+        mask = batch.get("example_mask" if self.stage == "sft" else "pair_mask")
+        if mask is None:  # an SFT batch without example_mask: its non-empty rows
+            mask = np.any(batch["segment_ids"] != 0, axis=-1)
         self.items += float(np.count_nonzero(mask))
         self.flops += step_flops(
             self.config, batch, stage=self.stage, reference_forward=self.reference_forward
