@@ -16,8 +16,9 @@ sliding_window.
   implementation="cudnn", which only takes float16/bfloat16).
 - "splash": the Pallas TPU splash-attention kernel (blockwise, never materialises [L, L]
   scores; segment ids are the kernel's own, GQA its grouped heads). It cannot express the
-  position-based sliding window (`ModelConfig` refuses the pair), and needs L to be a
-  multiple of 128 (`SPLASH_BLOCKS`). On CPU it runs in Pallas interpret mode, for tests.
+  position-based sliding window (`ModelConfig` refuses the pair). It tiles L in blocks of
+  128 or more (`SPLASH_BLOCKS`): other lengths are padded up to a multiple of 128 for the
+  call (wasted work: prefer such lengths). On CPU it runs in Pallas interpret mode.
 
 Padding (segment 0) differs only where nothing reads it: "xla" masks padding queries out
 entirely, the fused kernels let padding attend to earlier padding (a kernel's softmax row
@@ -192,11 +193,11 @@ def splash_attention(q, k, v, segment_ids, positions, sliding_window=None):
         )
     B, L, N, H = q.shape
     K = k.shape[2]
-    if L % SPLASH_BLOCKS[-1]:
-        raise ValueError(
-            f"attention='splash' tiles the sequence in blocks of {SPLASH_BLOCKS[-1]}, got "
-            f"length {L}; pad batches to a multiple of it (config.data.pad_to_multiple_of)"
-        )
+    pad = -L % SPLASH_BLOCKS[-1]
+    if pad:
+        # Appended tokens of segment 0: no real token attends to them; their outputs are cut.
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
     # Splash does not scale scores; H**-0.5 is a power of two for H = 64, 128, 256.
     q = (q * jnp.asarray(H**-0.5, q.dtype)).transpose(0, 2, 1, 3)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -215,7 +216,7 @@ def splash_attention(q, k, v, segment_ids, positions, sliding_window=None):
             out_specs=heads_spec,
             check_vma=False,
         )(q, k, v, segment_ids)
-    return out.transpose(0, 2, 1, 3)
+    return out.transpose(0, 2, 1, 3)[:, :L]
 
 
 # Keys are the names of config.ATTENTION_IMPLS.

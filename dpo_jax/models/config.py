@@ -58,8 +58,8 @@ class ModelConfig:
         Params then have another layout (`decoder.stack_layers` / `unstack_layers`).
       attention: self-attention kernel of the full forward, one of ATTENTION_IMPLS: "xla"
         (einsum over [L, L] scores), "dot_product" (jax.nn.dot_product_attention) or
-        "splash" (Pallas TPU splash attention, blockwise; no sliding_window; L a multiple
-        of 128). KV-cache decoding always uses the einsum.
+        "splash" (Pallas TPU splash attention, blockwise; no sliding_window; lengths padded
+        to a multiple of 128 for it). KV-cache decoding always uses the einsum.
       initializer_range: std of the normal init of kernels and embeddings.
       extra: hashable tuple of (key, value) pairs copied verbatim into exported configs
         (bos/eos token ids and the like); never affects the math.

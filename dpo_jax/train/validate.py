@@ -294,12 +294,6 @@ def _check_model(c: _Checker) -> None:
     c.require(
         "model.attention", lambda v: v in ATTENTION_IMPLS, f"expected one of {ATTENTION_IMPLS}"
     )
-    if model.attention == "splash":
-        # Every batch length must tile into the kernel's 128-token blocks.
-        splash = "attention='splash' needs a multiple of 128"
-        c.require("data.max_length", lambda v: v % 128 == 0, splash)
-        if c.config.data.layout == "padded":
-            c.require("data.pad_to_multiple_of", lambda v: v % 128 == 0, splash + " (or 0)")
     if model.hf_path:
         c.require(
             "model.hf_path",
