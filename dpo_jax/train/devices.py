@@ -177,13 +177,30 @@ class Devices:
         return score
 
     def to_checkpoint(self, state):
-        return parallel.unreplicate(state) if self.mode == "pmap" else state
+        """One copy of a state: pmap's replicas -> one array (with several processes, a
+        global array replicated on every process's devices: orbax and `process_allgather`
+        refuse or concatenate the process-local copies)."""
+        if self.mode != "pmap":
+            return state
+        if jax.process_count() == 1:
+            return parallel.unreplicate(state)
+        replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)), P())
+        return jax.tree.map(
+            lambda x: jax.make_array_from_single_device_arrays(
+                x.shape[1:], replicated, [s.data[0] for s in x.addressable_shards]
+            ),
+            state,
+        )
 
     def checkpoint_target(self, state):
         return abstract_like(self.to_checkpoint(state))
 
     def from_checkpoint(self, state):
-        return parallel.replicate(state) if self.mode == "pmap" else state
+        if self.mode != "pmap":
+            return state
+        if jax.process_count() > 1:  # via the host: global arrays -> this process's devices
+            state = jax.device_get(state)
+        return parallel.replicate(state)
 
     def params_of(self, state):
         """The policy params of a state, one copy (for the next stage and for export)."""
