@@ -143,3 +143,29 @@ def bucket_table(rows: list[dict], edges) -> str:
         "the run@step that reached it. Best-of-N's KL is the analytic log N - (N-1)/N.\n"
     )
     return "\n".join(lines) + "\n" + note
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """Point a dominates b: at least b's mean reward at no more KL, better in one of them."""
+    return (
+        a["reward"] >= b["reward"]
+        and a["kl"] <= b["kl"]
+        and (a["reward"] > b["reward"] or a["kl"] < b["kl"])
+    )
+
+
+def dominance_table(rows: list[dict], method: str = "DPO") -> str:
+    """Markdown: for `method` and every other trained method X (SFT and Best-of-N aside), how
+    many of `method`'s points some point of X dominates, and how many of X's points some
+    point of `method` dominates (by the means; standard errors not accounted for)."""
+    mine = [r for r in rows if r["method"] == method]
+    lines = [f"| X | {method} points dominated by an X point | X points dominated by a "
+             f"{method} point |", "|---|---|---|"]  # fmt: skip
+    for other in methods_of(rows):
+        if other in (method, "SFT") or other.startswith("Best-of-N") or not mine:
+            continue
+        theirs = [r for r in rows if r["method"] == other]
+        by_other = sum(any(dominates(t, m) for t in theirs) for m in mine)
+        by_mine = sum(any(dominates(m, t) for m in mine) for t in theirs)
+        lines.append(f"| {other} | {by_other} of {len(mine)} | {by_mine} of {len(theirs)} |")
+    return "\n".join(lines) + "\n"

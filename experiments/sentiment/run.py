@@ -666,6 +666,7 @@ def stage_report(config, p: Paths) -> None:
         os.path.join(p.results, "frontier.png"), rows, title=config_title(config)
     )
     table = frontier.bucket_table(rows, config.eval.kl_buckets)
+    table += "\nPareto dominance on the (KL, reward) plane:\n\n" + frontier.dominance_table(rows)
     with open(os.path.join(p.results, "table.md"), "w") as f:
         f.write(table)
     samples_dir = os.path.join(p.results, "samples")
