@@ -159,12 +159,8 @@ def claim_workdir(config: ml_collections.ConfigDict, p: Paths) -> None:
     if not os.path.isfile(path):
         write_json(path, current)
         return
-    before = read_json(path)
-    changed = sorted(
-        k
-        for k in set(flatten(before)) | set(flatten(current))
-        if flatten(before).get(k) != flatten(current).get(k)
-    )
+    before, now = flatten(read_json(path)), flatten(current)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         raise ValueError(
             f"{p.workdir} holds an experiment with another config ({path}); differing keys: "
@@ -172,10 +168,15 @@ def claim_workdir(config: ml_collections.ConfigDict, p: Paths) -> None:
         )
 
 
-def flatten(tree, prefix="") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
+    """{"a.b": value} of a nested dict."""
     if not isinstance(tree, dict):
         return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {
+        k: v
+        for key, sub in tree.items()
+        for k, v in flatten(sub, f"{prefix}.{key}".lstrip(".")).items()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,19 +296,23 @@ def stage_corpus(config, p: Paths) -> None:
 
 def base_run_config(config, stage: str):
     """The loop config fields every training run of the experiment shares."""
-    from dpo_jax.train.defaults import base_config, optimizer_config
+    from dpo_jax.train.defaults import base_config
 
     c = base_config()
     c.seed = config.seed
     c.stages = (stage,)
     c.model.dtype = config.model.dtype
-    c.checkpoint.async_save = False  # tiny models: a background save only adds threads
+    # The checkpoints are results here (each is a frontier point): written before training
+    # goes on, as they are small next to the K steps between them.
+    c.checkpoint.async_save = False
     c.log.every_steps = 10
-    return c, optimizer_config
+    return c
 
 
 def sft_run_config(config, p: Paths):
-    c, optimizer_config = base_run_config(config, "sft")
+    from dpo_jax.train.defaults import optimizer_config
+
+    c = base_run_config(config, "sft")
     train, _, tokenizer_dir = corpus_files(config, p)
     if config.model.hf_path:
         c.model.hf_path = config.model.hf_path
@@ -352,7 +357,6 @@ def prompt_config(max_prompts: int, max_new_tokens: int):
 
 
 def sampling_setup(
-    config,
     tokenizer,
     prompts,
     reward,
@@ -375,6 +379,7 @@ def sampling_setup(
     c.kl_batch_size = kl_batch_size
     # Each prefix's own review continuation, scored once (win rate vs the human text).
     chosen_rewards = np.asarray(reward(prompts.texts, prompts.chosen))
+    # beta 0.1: only the implicit-reward column of evaluate_one uses it, which we do not read.
     return Setup(c, tokenizer, prompts, reference, reward, chosen_rewards, 0.1, None, None)
 
 
@@ -426,7 +431,6 @@ def stage_pairs(config, p: Paths) -> None:
             *(x[start : start + c.batch_size] for x in (prompts.ids, prompts.texts, prompts.chosen))
         )
         setup = sampling_setup(
-            config,
             tokenizer,
             chunk,
             reward,
@@ -477,7 +481,9 @@ def stage_pairs(config, p: Paths) -> None:
 
 def method_run_config(config, p: Paths, method: dict):
     """The loop config of one method's run: from the SFT export, on the pairs."""
-    c, optimizer_config = base_run_config(config, method["stage"])
+    from dpo_jax.train.defaults import optimizer_config
+
+    c = base_run_config(config, method["stage"])
     t = config.train
     c.model.hf_path = p.sft_hf  # with its tokenizer
     c.data.train_files = (os.path.join(p.pairs, "train.jsonl"),)
@@ -595,7 +601,6 @@ def stage_evaluate(config, p: Paths) -> None:
     )
     reward = build_reward(config)
     setup = sampling_setup(
-        config,
         tokenizer,
         prompts,
         reward,
