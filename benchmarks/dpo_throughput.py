@@ -377,6 +377,7 @@ class Trl:
             processing_class=tokenizer,
             callbacks=[self.timer],
         )
+        self.trainer.remove_callback(transformers.PrinterCallback)  # stdout: the report only
         self.shapes = []
         collate = self.trainer.data_collator
 
