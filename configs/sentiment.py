@@ -11,11 +11,12 @@ reward, sequence-level KL to the SFT model) and Best-of-N from SFT -> results/.
       --workdir=/tmp/sentiment --results_dir=experiments/sentiment/results
 
 ARG: 'small' (default; no download: a generated review corpus, a small Llama-style model
-trained on it, VADER as the reward; ~25 minutes on 2 CPU cores) | 'full' (the paper: IMDb,
+trained on it, VADER as the reward; 985 CPU-seconds: 8-17 minutes on 2 idle cores, 28 on
+a shared one; experiments/sentiment/README.md) | 'full' (the paper: IMDb,
 GPT-2 large, siebert/sentiment-roberta-large-english; for GPU/TPU, point it at local copies:
 --config.corpus.train_path=/data/imdb/train.parquet --config.corpus.test_path=...
 --config.model.hf_path=/models/gpt2-large --config.reward.path=/models/siebert) | 'tiny'
-(seconds; the variant the tests run). The method sweep is `methods()` below.
+(a minute; the variant the tests run). The method sweep is `methods()` below.
 """
 
 import ml_collections
