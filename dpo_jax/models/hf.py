@@ -375,3 +375,34 @@ def to_hf(model: DecoderLM, params, path: str) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def to_hf_classifier(model, params, path: str, *, pad_token_id: int) -> None:
+    """Write a `models.reward.RewardModel` as the family's `*ForSequenceClassification`
+    (config.json with num_labels=1 + model.safetensors, float32) that
+    `transformers.AutoModelForSequenceClassification` loads.
+
+    The trunk's tensors are named as in `to_hf` (no `lm_head`); the head is `score.weight`
+    [1, D], the name and bias-free shape of every family's classifier in transformers 5.
+    pad_token_id: the id the tokenizer pads with; transformers scores each row's rightmost
+    token that is not this id (our model: the rightmost real token by segment id).
+    """
+    cfg = model.config
+    check_exportable(cfg)
+    params = nn.unbox(params)
+    if cfg.scan_layers:
+        params = unstack_layers(params)
+    entries = [*weight_entries(cfg), _linear("score.weight", ("score",), (cfg.hidden_size, 1))]
+    tensors = {}
+    for e in entries:
+        values = [np.asarray(_get(params, p), dtype=np.float32) for p in e.paths]
+        tensors[e.hf_name] = np.ascontiguousarray(e.join(*values))
+    hf_config = config_to_hf(cfg)
+    family = hf_config["architectures"][0].removesuffix("ForCausalLM").removesuffix("LMHeadModel")
+    hf_config["architectures"] = [family + "ForSequenceClassification"]
+    hf_config.update(num_labels=1, pad_token_id=int(pad_token_id))
+    hf_config.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

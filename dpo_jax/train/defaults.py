@@ -123,6 +123,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections adapted
     c.dpo.lora.base_dtype = "float32"  # frozen base weights: float32 | bfloat16 (half memory)
 
+    # --- Reward-model stage (stages ("rm",) or ("sft", "rm"); not with "dpo") ----------------
+    # A scalar head on the decoder trained with the Bradley-Terry loss on the DPO data's
+    # pairs (dpo_jax/train/reward.py); the export is a *ForSequenceClassification directory.
+    c.rm = ml_collections.ConfigDict()
+    c.rm.steps = 1000  # optimizer steps of the reward-model stage
+    c.rm.batch_size = 64  # preference pairs per step (global)
+    c.rm.accum_steps = 1  # micro-batches per step (same result as one big batch)
+    c.rm.init_from = "sft"  # trunk start: sft (this run's SFT) | model; the head is fresh
+    c.rm.center_rewards_coefficient = 0.0  # TRL's weight of mean((r_c + r_r)^2); 0 = off
+    c.rm.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, warmup_steps=10)
+
     # --- Parallelism ---------------------------------------------------------------------
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "jit"  # jit (sharded over a mesh) | pmap (replicated data parallel)
@@ -189,12 +200,13 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.max_length = 32
     c.data.max_prompt_length = 16
     c.data.pad_to_multiple_of = 32
-    for stage in (c.sft, c.dpo):
+    for stage in (c.sft, c.dpo, c.rm):
         stage.steps = min(stage.steps, 6) if stage.steps else 0
         stage.batch_size = 8
         stage.optimizer.warmup_steps = 2
         stage.optimizer.learning_rate = 1e-3
     c.dpo.init_from = "sft" if "sft" in c.stages else "model"
+    c.rm.init_from = c.dpo.init_from
     c.checkpoint.every_steps = 2
     c.eval.every_steps = 3
     c.log.every_steps = 1

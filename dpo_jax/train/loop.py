@@ -29,8 +29,9 @@ from jax.experimental import multihost_utils
 from dpo_jax import models, parallel
 from dpo_jax.data import batching
 from dpo_jax.models import lora as lora_lib
+from dpo_jax.models import reward as reward_model
 from dpo_jax.train import devices as devices_lib
-from dpo_jax.train import inputs, reference_cache, steps, throughput, unpaired
+from dpo_jax.train import inputs, reference_cache, reward, steps, throughput, unpaired
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
@@ -102,7 +103,8 @@ class Stage:
         self.stage_config = config[name]
         self.total = int(self.stage_config.steps)
         self.init_params, self.reference = init_params, reference
-        self.scoring = ScoringOptions.from_config(self.stage_config)
+        # The reward model scores no tokens: it has no log-prob options.
+        self.scoring = None if name == "rm" else ScoringOptions.from_config(self.stage_config)
         self.checkpointer = StageCheckpointer(
             os.path.join(os.path.abspath(workdir), "checkpoints", name),
             keep=config.checkpoint.keep,
@@ -130,6 +132,11 @@ class Stage:
         )
         if self.name == "sft":
             return steps.make_sft_step(**common), None
+        if self.name == "rm":
+            objective = reward.RewardObjective(float(c.center_rewards_coefficient))
+            del common["scoring"]
+            evaluate = reward.make_rm_eval_step(model=model, objective=objective, axis_name=axis)
+            return reward.make_rm_step(objective=objective, **common), evaluate
         objective = objective_of(self.config)
         if self.splits.unpaired:
             make_step, make_eval = unpaired.make_unpaired_step, unpaired.make_unpaired_eval_step
@@ -306,6 +313,7 @@ class Stage:
     def _meter(self) -> throughput.Meter:
         """Tokens/s, pairs/s, TFLOP/s per device and MFU of this stage's steps."""
         stage = "unpaired" if self.name == "dpo" and self.splits.unpaired else self.name
+        stage = "dpo" if stage == "rm" else stage  # pairs, one forward per sequence
         reference = self.name == "dpo" and reference_mode(self.config) == "params"
         return throughput.Meter(self.devices.model.config, stage=stage, reference_forward=reference)
 
@@ -440,12 +448,21 @@ class _Window:
 
 
 def _export(model, params, tokenizer, workdir):
-    """Writes the final policy as a Hugging Face directory `<workdir>/hf` (process 0)."""
+    """Writes the final policy (or reward model: a `*ForSequenceClassification`) as a
+    Hugging Face directory `<workdir>/hf` (process 0)."""
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
         path = os.path.join(workdir, "hf")
-        models.to_hf(model, jax.device_get(params), path)
+        if isinstance(model, reward_model.RewardModel):
+            # transformers' classifiers take each row's last token that is not pad_token_id:
+            # the id the tokenizer pads with (a tokenizer without one pads with EOS when
+            # `HFClassifierReward` loads it).
+            pad_id = tokenizer.pad_token_id
+            pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
+            models.hf.to_hf_classifier(model, jax.device_get(params), path, pad_token_id=pad_id)
+        else:
+            models.to_hf(model, jax.device_get(params), path)
         tokenizer.save_pretrained(path)
         log.info("Exported the final policy to %s", path)
 
@@ -560,6 +577,20 @@ def _stage_inputs(name, config, devices, params, initial_params):
     return params, reference
 
 
+def _reward_inputs(config, lm, params, initial_params):
+    """(devices of the reward model, its starting params) of the `rm` stage: the language
+    model's (this run's SFT stage, or `config.model`) without `lm_head`, plus a fresh
+    `score` head drawn from the stage's seed (as transformers initialises it)."""
+    start = initial_params if config.rm.init_from == "model" else params
+    rm = reward_model.RewardModel(reward_model.trunk_config(lm.config))
+    rm_devices = Devices(config, rm, jnp.zeros((1, 1), jnp.int32))
+    key = jax.random.key(config.seed + 1000 * (STAGES.index("rm") + 1))
+    score_shape = rm_devices.abstract_params["score"].shape
+    score = lm.config.initializer_range * jax.random.normal(key, score_shape, jnp.float32)
+    host = reward_model.from_lm_params(start, score)
+    return rm_devices, rm_devices.initial_params(host, config.seed)
+
+
 def run(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> Any:
@@ -594,7 +625,11 @@ def run(
 
     # --- stages ---
     for name in config.stages:
-        params, reference = _stage_inputs(name, config, devices, params, initial_params)
+        if name == "rm":  # a reward model: its own module (score head) and placement
+            devices, params = _reward_inputs(config, model, params, initial_params)
+            model, reference, initial_params = devices.model, None, None
+        else:
+            params, reference = _stage_inputs(name, config, devices, params, initial_params)
         stage = Stage(name, config, workdir, devices, splits, writer, params, reference)
         # The stage owns its starting params now; holding no reference to them here lets it
         # free them (cached reference mode).

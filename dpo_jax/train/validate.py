@@ -28,7 +28,7 @@ from dpo_jax.train.scoring import ScoringOptions
 from dpo_jax.train.steps import Guard, Objective
 from dpo_jax.train.unpaired import UnpairedObjective
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "rm")  # "rm": a reward model (train/reward.py), not with "dpo"
 REFERENCE_MODES = ("params", "cached", "none")
 INIT_FROM = ("sft", "model")
 LAYOUTS = ("padded", "packed")
@@ -127,7 +127,8 @@ def _check_stage(c: _Checker, name: str) -> None:
             {**stage.optimizer.to_dict(), "total_steps": max(int(stage.steps), 0)}
         ),
     )
-    c.call(f"{name}.logps_*", lambda: _scoring_options(stage))
+    if name != "rm":  # the reward model scores no tokens
+        c.call(f"{name}.logps_*", lambda: _scoring_options(stage))
     if _positive_int(stage.batch_size):
         _check_batch_split(c, name, stage.batch_size)
 
@@ -356,6 +357,29 @@ def _check_generate(c: _Checker) -> None:
     c.require("eval.generate.reward.name", lambda v: v in REWARDS, f"one of {REWARDS}")
 
 
+def _check_rm(c: _Checker) -> None:
+    """The reward-model stage: its start, its loss option, and the data it can read."""
+    config = c.config
+    if "dpo" in config.stages:
+        c.problems.append(
+            "config.stages: 'rm' trains a reward model, 'dpo' a policy; run them separately "
+            "(e.g. ('sft', 'rm') and ('sft', 'dpo'))"
+        )
+    c.require("rm.init_from", lambda v: v in INIT_FROM, f"expected one of {INIT_FROM}")
+    if config.rm.init_from == "sft" and "sft" not in config.stages:
+        c.problems.append("config.rm.init_from='sft' needs 'sft' in config.stages (or 'model')")
+    c.require(
+        "rm.center_rewards_coefficient",
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
+        "must be a number >= 0 (0 = off)",
+    )
+    if config.data.layout != "padded":
+        c.problems.append(
+            f"config.data.layout={config.data.layout!r}: the reward-model stage reads padded "
+            "batches [B, 2, L] only (set config.data.layout='padded')"
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` listing every invalid key of `config` (a run config)."""
     c = _Checker(config)
@@ -373,5 +397,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check_stage(c, name)
     if "dpo" in stages:
         _check_dpo(c)
+    if "rm" in stages:
+        _check_rm(c)
     if c.problems:
         raise ConfigError(c.problems)
