@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from test_loop import load_config, read_metrics
-from train_testlib import random_params, tiny_model
+from train_testlib import (
+    SGD,
+    assert_trees_close,
+    grads_of,
+    padded_batch,
+    random_pairs,
+    random_params,
+    sgd_state,
+    tiny_model,
+)
 
 from dpo_jax.data import synthetic
 from dpo_jax.models import reward
 from dpo_jax.train import loop
+from dpo_jax.train import reward as reward_step
 from dpo_jax.train.validate import ConfigError, validate
 
 # ------------------------------------------------------------------------------------------
@@ -70,6 +80,34 @@ def test_head_reads_the_last_real_token_of_left_or_right_padded_rows():
     np.testing.assert_array_equal(
         reward.last_token_index(jnp.array([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]])), [1, 3, 0]
     )
+
+
+def test_rm_step_gradient_is_the_mean_loss_over_real_pairs_for_any_accumulation():
+    """5 real pairs in 8 slots: the step's gradient (SGD(1) with momentum: old - new) is
+    the gradient of the mean BT loss (with centring) over the real pairs, scored apart from
+    the batch layout, with or without micro-batches."""
+    model = reward.RewardModel(reward.trunk_config(tiny_model().config))
+    params = random_params(model, seed=1)
+    pairs = random_pairs(5, seed=3)
+    batch = {k: jnp.asarray(v) for k, v in padded_batch(pairs).items()}
+    objective = reward_step.RewardObjective(center_rewards_coefficient=0.1)
+
+    rows = [x.prompt_ids + r for x in pairs for r in (x.chosen_ids, x.rejected_ids)]
+    columns = zip(*(_padded(r, 16, left=True) for r in rows), strict=True)
+    left_padded = [np.concatenate(c) for c in columns]  # tokens, positions, segment ids
+
+    def expected_loss(p):  # every sequence left-padded (the batch pads on the right)
+        rewards = model.apply({"params": p}, *left_padded).reshape(-1, 2)
+        return reward.bradley_terry_loss(rewards[:, 0], rewards[:, 1], 0.0, 0.1).mean()
+
+    want = jax.jit(jax.grad(expected_loss))(params)
+    state = sgd_state(params)
+    for accum in (1, 4):
+        step = reward_step.make_rm_step(model=model, tx=SGD, objective=objective, accum_steps=accum)
+        new_state, metrics = jax.jit(step)(state, batch)
+        assert float(metrics["pairs"]) == 5
+        assert float(metrics["loss"]) == pytest.approx(float(expected_loss(params)), rel=1e-5)
+        assert_trees_close(grads_of(state, new_state), want, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------
