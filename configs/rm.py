@@ -21,6 +21,7 @@ def get_config(arg=None):
     c = base_config()
     c.stages = ("sft", "rm") if arg == "sft" else ("rm",)
     c.rm.init_from = "sft" if arg == "sft" else "model"
+    c.sft.steps = 1000 if arg == "sft" else 0  # SFT on the pairs' chosen responses
     c.rm.steps = 1000
     c.rm.batch_size = 64
     c.rm.center_rewards_coefficient = 0.0

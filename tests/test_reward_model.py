@@ -3,6 +3,7 @@ exact resume) and its Hugging Face export read back by transformers / HFClassifi
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -108,6 +109,25 @@ def test_rm_step_gradient_is_the_mean_loss_over_real_pairs_for_any_accumulation(
         assert float(metrics["pairs"]) == 5
         assert float(metrics["loss"]) == pytest.approx(float(expected_loss(params)), rel=1e-5)
         assert_trees_close(grads_of(state, new_state), want, rtol=1e-4, atol=1e-7)
+
+
+def test_rm_stage_starts_from_the_language_model_without_lm_head():
+    """`loop._reward_inputs`: the SFT stage's (or the model's) params minus `lm_head`, and
+    a fresh `score` head ~ N(0, initializer_range), placed on the reward model's devices."""
+    config = load_config("rm", "sft")
+    lm = tiny_model()
+    lm = type(lm)(dataclasses.replace(lm.config, tie_embeddings=False))
+    params = random_params(lm, seed=2)
+    assert "lm_head" in params
+    devices, rm_params = loop._reward_inputs(config, lm, params, initial_params=None)
+    assert isinstance(devices.model, reward.RewardModel) and "lm_head" not in rm_params
+    rm_params = jax.device_get(rm_params)
+    for name in params:
+        if name != "lm_head":
+            assert_trees_close(rm_params[name], params[name], rtol=0, atol=0)
+    score = rm_params.pop("score")
+    assert score.shape == (lm.config.hidden_size, 1)
+    assert 0.5 < score.std() / lm.config.initializer_range < 2
 
 
 # ------------------------------------------------------------------------------------------
