@@ -556,8 +556,8 @@ def best_of_n_rows(rewards: np.ndarray, ns) -> list[dict]:
     For each N the M samples of a prompt form M // N disjoint groups; a group's value is its
     highest reward (the oracle picks by the ground truth itself). Reward = mean over prompts of
     the per-prompt mean over groups, stderr over prompts. KL(best-of-N || SFT) is the
-    analytic log N - (N - 1) / N (Stiennon et al. 2020, arXiv 2009.01325, App. G.3; exact for
-    distinct samples), so it has no sampling error.
+    analytic log N - (N - 1) / N used since Stiennon et al. 2020 (arXiv 2009.01325), an upper
+    bound on the true KL (Beirami et al. 2024, arXiv 2401.01879), with no sampling error.
     """
     rows = []
     for n in ns:
