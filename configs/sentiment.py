@@ -12,7 +12,8 @@ reward, sequence-level KL to the SFT model) and Best-of-N from SFT -> results/.
 
 ARG: 'small' (default; no download: a generated review corpus, a small Llama-style model
 trained on it, VADER as the reward; 985 CPU-seconds: 8-17 minutes on 2 idle cores, 28 on
-a shared one; experiments/sentiment/README.md) | 'full' (the paper: IMDb,
+a shared one; experiments/sentiment/README.md) | 'quick' (README's quickstart: the small
+setup cut to SFT and one DPO run, a few minutes) | 'full' (the paper: IMDb,
 GPT-2 large, siebert/sentiment-roberta-large-english; for GPU/TPU, point it at local copies:
 --config.corpus.train_path=/data/imdb/train.parquet --config.corpus.test_path=...
 --config.model.hf_path=/models/gpt2-large --config.reward.path=/models/siebert) | 'tiny'
@@ -23,7 +24,7 @@ import ml_collections
 
 from dpo_jax.train.defaults import optimizer_config
 
-SIZES = ("small", "full", "tiny")
+SIZES = ("small", "quick", "full", "tiny")
 
 
 def methods(dpo_betas, unlikelihood_alphas, *, extras=True):
@@ -156,10 +157,28 @@ def get_config(arg=None):
 
     if arg == "full":
         _full(c)
+    elif arg == "quick":
+        _quick(c)
     elif arg == "tiny":
         shrink_to_tiny(c)
     c.lock()
     return c
+
+
+def _quick(c):
+    """README's quickstart: the small experiment cut to SFT and one DPO run (beta 0.1), a few
+    minutes on 2 CPU cores; it prints the SFT model's and the DPO policy's mean reward and
+    KL. Same corpus, model, reward and evaluation as 'small', fewer reviews and steps."""
+    c.corpus.num_train = 3000
+    c.corpus.num_test = 256
+    c.sft.steps = 300
+    c.pairs.num_prefixes = 500
+    c.train.steps = 120
+    c.train.eval_every = 60
+    c.methods = methods(dpo_betas=(0.1,), unlikelihood_alphas=(), extras=False)
+    c.methods = tuple(m for m in c.methods if m["method"] == "DPO")
+    c.eval.best_of_n = (4, 16)
+    c.eval.best_of_n_prompts = 32
 
 
 def _full(c):

@@ -328,3 +328,42 @@ def test_full_configuration_runs_on_imdb_style_parquet_with_a_classifier_reward(
     samples = _gz_jsonl(os.path.join(results, "samples", "dpo_beta0.1.jsonl.gz"))[:4]
     got = reward([s["prompt"] for s in samples], [s["completion"] for s in samples])
     assert got == pytest.approx([s["reward"] for s in samples], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# The configuration and the final summary
+# ----------------------------------------------------------------------------------------
+
+
+def test_every_variant_loads_locked_and_the_docstring_holds_the_commands():
+    source = open(os.path.join(ROOT, "configs", "sentiment.py")).read()
+    for size in configs.SIZES:
+        config = configs.get_config(size)
+        assert config.is_locked and config.size == size
+        assert config.methods and all(m["stage"] in ("sft", "dpo") for m in config.methods)
+        if size != "full":  # full names the local files it needs on the command line
+            sentiment.check_inputs(config)
+    assert "--config=configs/sentiment.py:small" in source
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "experiments/sentiment/run.py --config=configs/sentiment.py:quick" in readme
+    quick = configs.get_config("quick")
+    assert [m["method"] for m in quick.methods] == ["DPO"]
+    with pytest.raises(ValueError, match="unknown sentiment variant"):
+        configs.get_config("huge")
+
+
+def test_final_summary_reports_each_runs_last_checkpoint_next_to_sft():
+    def row(run, method, hparam, step, reward, kl):
+        return dict(run=run, method=method, hyperparameter=hparam, step=step, reward=reward,
+                    reward_stderr=0.01, kl=kl, kl_stderr=0.1)  # fmt: skip
+
+    rows = [
+        row("sft", "SFT", "-", 0, 0.5, 0.0),
+        row("dpo_beta0.1", "DPO", "beta=0.1", 40, 0.6, 2.0),
+        row("dpo_beta0.1", "DPO", "beta=0.1", 80, 0.7, 4.0),
+        row("best_of_4", sentiment.BEST_OF_N, "N=4", 0, 0.9, 0.6),
+    ]
+    lines = sentiment.final_summary(rows).splitlines()
+    assert len(lines) == 3 and lines[1].split()[0] == "SFT"
+    assert "DPO beta=0.1" in lines[2] and "step   80" in lines[2] and "0.700" in lines[2]
+    assert "Best-of-N" not in "\n".join(lines)

@@ -168,4 +168,6 @@ def dominance_table(rows: list[dict], method: str = "DPO") -> str:
         by_other = sum(any(dominates(t, m) for t in theirs) for m in mine)
         by_mine = sum(any(dominates(m, t) for m in mine) for t in theirs)
         lines.append(f"| {other} | {by_other} of {len(mine)} | {by_mine} of {len(theirs)} |")
+    if len(lines) == 2:  # no other trained method (the quickstart's DPO-only run)
+        return ""
     return "\n".join(lines) + "\n"

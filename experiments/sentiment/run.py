@@ -671,7 +671,9 @@ def stage_report(config, p: Paths) -> None:
         os.path.join(p.results, "frontier.png"), rows, title=config_title(config)
     )
     table = frontier.bucket_table(rows, config.eval.kl_buckets)
-    table += "\nPareto dominance on the (KL, reward) plane:\n\n" + frontier.dominance_table(rows)
+    dominance = frontier.dominance_table(rows)
+    if dominance:
+        table += "\nPareto dominance on the (KL, reward) plane:\n\n" + dominance
     with open(os.path.join(p.results, "table.md"), "w") as f:
         f.write(table)
     samples_dir = os.path.join(p.results, "samples")
@@ -689,6 +691,25 @@ def stage_report(config, p: Paths) -> None:
     pairs = read_jsonl(os.path.join(p.pairs, "samples.jsonl"))
     write_gzip_jsonl(os.path.join(samples_dir, "pairs_sft_samples.jsonl.gz"), pairs)
     print(table, flush=True)
+    print(final_summary(rows), flush=True)
+
+
+def final_summary(rows: list[dict]) -> str:
+    """Each trained run's last evaluated checkpoint next to the SFT model it started from."""
+    last = {}
+    for row in rows:
+        if row["method"] != BEST_OF_N and row["step"] >= last.get(row["run"], row)["step"]:
+            last[row["run"]] = row
+    lines = ["Held-out prefixes, mean ground-truth reward and KL(policy || SFT), +- stderr:"]
+    for row in last.values():
+        hparam = "" if row["hyperparameter"] == "-" else row["hyperparameter"]
+        name = "SFT" if row["run"] == "sft" else f"{row['method']} {hparam}"
+        lines.append(
+            f"  {name:<26} step {row['step']:>4}   reward {row['reward']:.3f} +- "
+            f"{row['reward_stderr']:.3f}   KL {round(row['kl'], 2) + 0.0:6.2f} +- "
+            f"{row['kl_stderr']:.2f}"  # + 0.0: the SFT row's -1e-7 prints as 0.00, not -0.00
+        )
+    return "\n".join(lines)
 
 
 def config_title(config) -> str:
