@@ -29,8 +29,13 @@ from dpo_jax.train.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training configs (configs/evaluate.py configures `dpo_jax.evaluate`: tests/test_evaluate.py).
+# Training configs (`python -m dpo_jax.main`). evaluate.py configures dpo_jax.evaluate and
+# sentiment.py the experiments/sentiment driver: their own tests load them.
+OTHER_ENTRY_POINTS = ("evaluate.py", "sentiment.py")
 CONFIG_FILES = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("evaluate.py")
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if os.path.basename(p) not in OTHER_ENTRY_POINTS
 )
 
 
