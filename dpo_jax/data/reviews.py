@@ -55,12 +55,8 @@ import shutil
 from collections.abc import Sequence
 
 from dpo_jax.data.synthetic import (
-    BOS_TOKEN,
-    CHAT_TEMPLATE,
-    EOS_TOKEN,
-    PAD_TOKEN,
     SPECIAL_TOKENS,
-    UNK_TOKEN,
+    save_tokenizer,
     write_jsonl,
 )
 
@@ -1179,7 +1175,6 @@ def write_review_tokenizer(path: str | os.PathLike, texts: Sequence[str], vocab_
     frequent pairs by the pair itself, so the same texts give byte-identical files.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (4 specials + 256 bytes)")
@@ -1195,21 +1190,10 @@ def write_review_tokenizer(path: str | os.PathLike, texts: Sequence[str], vocab_
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        add_bos_token=True,
-        add_eos_token=False,
-        # Would turn " ." into "." on decode, and then a decoded review is not the review.
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-    )
     path = os.fspath(path)
-    tokenizer.save_pretrained(path)
+    # clean_up_tokenization_spaces would turn " ." into "." on decode, and then a decoded
+    # review is not the review.
+    save_tokenizer(backend, path, clean_up_tokenization_spaces=False)
     return path
 
 

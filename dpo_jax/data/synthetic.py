@@ -142,13 +142,21 @@ def build_char_tokenizer(path: str | os.PathLike):
     the vocab map to <unk>. Decoding concatenates characters (no spaces inserted).
     """
     from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     # BPE with no merges splits every string into single characters, and unlike WordLevel
     # needs no pre-tokenizer, so spaces and newlines stay ordinary tokens.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN, fuse_unk=False))
     backend.decoder = decoders.Fuse()
+    return save_tokenizer(backend, path)
+
+
+def save_tokenizer(backend, path: str | os.PathLike, **options):
+    """Wraps a `tokenizers.Tokenizer` whose ids 0-3 are SPECIAL_TOKENS as an HF fast tokenizer
+    that adds BOS and never EOS, with the chat template; saves it to directory `path` and
+    returns it. `options`: further `PreTrainedTokenizerFast` arguments."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
@@ -159,6 +167,7 @@ def build_char_tokenizer(path: str | os.PathLike):
         add_eos_token=False,
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
+        **options,
     )
     tokenizer.save_pretrained(os.fspath(path))
     return tokenizer
