@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.models import DecoderLM, ModelConfig
-from dpo_jax.models.config import REMAT_POLICIES
+from dpo_jax.models.config import REMAT_POLICIES, remat_policy
 
 
 def loss_fn(model, params, tokens):
@@ -53,7 +53,9 @@ def test_each_policy_is_applied_to_every_block():
         "dots_with_no_batch_dims_saveable": (
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         ),
+        "offload_dots_with_no_batch_dims": remat_policy("offload_dots_with_no_batch_dims"),
     }
+    assert set(expected) == set(REMAT_POLICIES[1:])
     for name, policy in expected.items():
         found = checkpoint_policies(grad(DecoderLM(cfg.replace(remat=name))), params)
         assert found == [policy] * cfg.num_layers, name
@@ -80,3 +82,19 @@ def test_run_config_keys_are_validated():
     config.model.remat = "everything"
     with pytest.raises(ConfigError, match="config.model.remat='everything'"):
         validate(config)
+
+
+def test_offload_policy_moves_the_projections_to_host_memory():
+    """The offload policy marks the batch-dim-free matmuls (the projections) as offloaded
+    to pinned host memory and recomputes everything else."""
+    from jax._src.interpreters import partial_eval as pe
+
+    policy = remat_policy("offload_dots_with_no_batch_dims")
+    x = jnp.ones((2, 3, 4))
+    w = jnp.ones((4, 5))
+    eqn = jax.make_jaxpr(lambda x, w: jnp.einsum("btd,df->btf", x, w))(x, w).jaxpr.eqns[0]
+    decision = policy(eqn.primitive, *eqn.invars, **eqn.params)
+    assert isinstance(decision, pe.Offloadable)
+    assert (decision.src, decision.dst) == ("device", "pinned_host")
+    batched = jax.make_jaxpr(lambda a, b: jnp.einsum("bqd,bkd->bqk", a, b))(x, x).jaxpr.eqns[0]
+    assert policy(batched.primitive, *batched.invars, **batched.params) == pe.Recompute

@@ -9,8 +9,10 @@ F mlp width, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import numpy as np
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox")
@@ -19,8 +21,17 @@ ROPE_TYPES = ("default", "llama3")
 DTYPES = ("float32", "bfloat16")
 # What a rematerialised block keeps for the backward pass: nothing but its input ("full"),
 # or also the results of its matmuls (jax.checkpoint_policies of the same name; the
-# no-batch-dims one keeps the projections, not the attention score/value einsums).
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# no-batch-dims one keeps the projections, not the attention score/value einsums), or
+# those same projections moved to host memory ("offload_dots_with_no_batch_dims": freed
+# from HBM between the forward and the backward pass, copied back when needed; on a
+# backend without host memory spaces XLA keeps them in device memory).
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "offload_dots_with_no_batch_dims",
+)
 # Self-attention kernel (dpo_jax.models.attention): the [L, L] einsum, jax.nn's
 # dot_product_attention, or the Pallas TPU splash kernel. Same math, same values.
 ATTENTION_IMPLS = ("xla", "dot_product", "splash")
@@ -51,8 +62,9 @@ class ModelConfig:
       sliding_window: attend only to keys with query_pos - key_pos < sliding_window (Mistral).
       dtype: compute dtype ("float32" or "bfloat16"); params always stay float32.
       remat: rematerialisation of each block in the backward pass, one of REMAT_POLICIES
-        ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"); True and
-        False (the older boolean form) mean "full" and "none".
+        ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+        "offload_dots_with_no_batch_dims"); True and False (the older boolean form) mean
+        "full" and "none". `remat_policy(name)` gives the jax checkpoint policy.
       scan_layers: run the blocks as one `nn.scan` over stacked params (a leading
         [num_layers] axis, logical name "layers"): compile time independent of depth.
         Params then have another layout (`decoder.stack_layers` / `unstack_layers`).
@@ -205,3 +217,16 @@ class ModelConfig:
         if family not in per_family:
             raise ValueError(f"ModelConfig.tiny: family={family!r} not in {FAMILIES}")
         return cls(**{**base, **per_family[family], **overrides})
+
+
+@functools.cache
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of remat policy `name` (None for "full": save nothing
+    but the block's input). One object per name, so a traced program names it once."""
+    if name not in REMAT_POLICIES[1:]:
+        raise ValueError(f"remat_policy: {name!r} not in {REMAT_POLICIES[1:]}")
+    if name == "full":
+        return None
+    if name == "offload_dots_with_no_batch_dims":
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return getattr(jax.checkpoint_policies, name)

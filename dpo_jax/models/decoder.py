@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.models.attention import Segments, decode_mask
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.config import ModelConfig, remat_policy
 from dpo_jax.models.layers import Attention, Mlp, Norm, compute_dtype, param, rope_tables
 
 _ACT = ("act_batch", "act_length", "act_embed")
@@ -98,7 +98,7 @@ def remat_block(config: ModelConfig):
     """`Block`, rematerialised as `config.remat` says (see config.REMAT_POLICIES)."""
     if config.remat == "none":
         return Block
-    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    policy = remat_policy(config.remat)
     # Inside a scan the loop boundary already keeps XLA from merging the recomputation
     # into the forward pass; prevent_cse would only block optimisations there.
     return nn.remat(Block, prevent_cse=not config.scan_layers, policy=policy)
