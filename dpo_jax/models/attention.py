@@ -1,13 +1,20 @@
 """Self-attention kernels behind `ModelConfig.attention`: one math, three implementations.
 
-    out = IMPLEMENTATIONS[config.attention](q, k, v, segment_ids, positions, sliding_window)
+    out = IMPLEMENTATIONS[config.attention](
+        q, k, v, segment_ids, positions, sliding_window=None, prefix_segment_ids=None)
 
 q: [B, L, N, H]; k, v: [B, L, K, H] with N a multiple of K (grouped-query attention:
-query head n reads kv head n // G, G = N / K); segment_ids, positions: [B, L] int32;
-out: [B, L, N, H] in q's dtype. Every implementation computes softmax(q k^T / sqrt(H)) v
-with scores and softmax in float32, where a query attends to keys at its own or earlier
-indices with the same segment id, and (when `sliding_window` is set) query_pos - key_pos <
-sliding_window.
+query head n reads kv head n // G, G = N / K); segment_ids, positions,
+prefix_segment_ids: [B, L] int32 (prefix None = all zeros); out: [B, L, N, H] in q's
+dtype. Every implementation computes softmax(q k^T / sqrt(H)) v with scores and softmax in
+float32, under one mask rule: key k is visible to query q iff
+
+    k <= q  and  seg[k] != 0  and  (seg[k] == seg[q]  or  (prefix[q] != 0 and seg[k] == prefix[q]))
+            and  (window set)  pos[q] - pos[k] < sliding_window.
+
+A token reads its own segment causally and the earlier tokens of the one "prefix" segment
+it names: prompt sharing (`dpo_jax.data.batching`, layout "packed_shared") puts a pair's
+prompt in one segment and each response in its own segment naming the prompt's.
 
 - "xla": the einsum over materialised [B, K, G, L, L] scores (`masked_attention`); the
   default, and what KV-cache decoding always uses.
@@ -16,7 +23,8 @@ sliding_window.
   implementation="cudnn", which only takes float16/bfloat16).
 - "splash": the Pallas TPU splash-attention kernel (blockwise, never materialises [L, L]
   scores; segment ids are the kernel's own, GQA its grouped heads). It cannot express the
-  position-based sliding window (`ModelConfig` refuses the pair). It tiles L in blocks of
+  position-based sliding window (`ModelConfig` refuses the pair) nor prefix segments
+  (refused at trace time; `validate` refuses the config). It tiles L in blocks of
   128 or more (`SPLASH_BLOCKS`): other lengths are padded up to a multiple of 128 for the
   call (wasted work: prefer such lengths). On CPU it runs in Pallas interpret mode.
 
@@ -45,22 +53,38 @@ SPLASH_BLOCKS = (512, 256, 128)
 
 
 class Segments(NamedTuple):
-    """What the full (cache-free) forward masks with: segment_ids, positions [B, L] int32."""
+    """What the full (cache-free) forward masks with: segment_ids, positions [B, L] int32
+    and optional prefix_segment_ids [B, L] int32 (None: no token reads another segment)."""
 
     segment_ids: jax.Array
     positions: jax.Array
+    prefix_segment_ids: jax.Array | None = None
+
+
+def visible_segments(segment_ids: jax.Array, prefix_segment_ids: jax.Array | None) -> jax.Array:
+    """Boolean [B, L, L] (query, key), the segment part of the mask rule (module docstring):
+    seg[k] != 0 and (seg[k] == seg[q] or (prefix[q] != 0 and seg[k] == prefix[q]))."""
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    visible = (key == query) & (key != 0)
+    if prefix_segment_ids is not None:
+        prefix = prefix_segment_ids[:, :, None]
+        visible |= (prefix != 0) & (key == prefix)
+    return visible
 
 
 def attention_mask(
-    positions: jax.Array, segment_ids: jax.Array, sliding_window: int | None
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    sliding_window: int | None,
+    prefix_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean mask [B, 1, 1, L, L] (query, key): causal by index, same non-zero segment,
-    and query_pos - key_pos < sliding_window when a window is set (HF: kv > q - window)."""
+    """Boolean mask [B, 1, 1, L, L] (query, key) by the module docstring's rule: causal by
+    index, a visible segment (its own, or the prefix segment it names), and query_pos -
+    key_pos < sliding_window when a window is set (HF: kv > q - window)."""
     length = segment_ids.shape[-1]
     idx = jnp.arange(length)
     causal = idx[:, None] >= idx[None, :]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
-    mask = causal[None] & same
+    mask = causal[None] & visible_segments(segment_ids, prefix_segment_ids)
     if sliding_window is not None:
         mask &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
     return mask[:, None, None]
@@ -104,17 +128,24 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.einsum("BKGQS,BSKH->BQKGH", probs, v).reshape(B, L, N, H)
 
 
-def xla_attention(q, k, v, segment_ids, positions, sliding_window=None):
+def xla_attention(q, k, v, segment_ids, positions, sliding_window=None, prefix_segment_ids=None):
     """Materialised [L, L] scores; see the module docstring for shapes."""
-    return masked_attention(q, k, v, attention_mask(positions, segment_ids, sliding_window))
+    mask = attention_mask(positions, segment_ids, sliding_window, prefix_segment_ids)
+    return masked_attention(q, k, v, mask)
 
 
-def dot_product_attention(q, k, v, segment_ids, positions, sliding_window=None):
+def dot_product_attention(
+    q, k, v, segment_ids, positions, sliding_window=None, prefix_segment_ids=None
+):
     """`jax.nn.dot_product_attention`; see the module docstring for shapes.
 
     Segments and the window go in as a boolean mask [B, 1, L, L]; causality as is_causal
-    (which a fused kernel can skip blocks for instead of reading it from the mask)."""
+    (which a fused kernel can skip blocks for instead of reading it from the mask). Padding
+    queries keep attending to earlier padding, so that no softmax row is empty."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_segment_ids is not None:
+        prefix = prefix_segment_ids[:, :, None]
+        same |= (prefix != 0) & (segment_ids[:, None, :] == prefix)
     if sliding_window is not None:
         same &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
     return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True)
@@ -178,7 +209,7 @@ def _mesh_axes(logical: str, dims: tuple[int, ...], mesh) -> str | tuple[str, ..
     return axes if all(d % size == 0 for d in dims) else None
 
 
-def splash_attention(q, k, v, segment_ids, positions, sliding_window=None):
+def splash_attention(q, k, v, segment_ids, positions, sliding_window=None, prefix_segment_ids=None):
     """The Pallas TPU splash kernel; see the module docstring for shapes.
 
     Under a mesh (`jax.set_mesh`, as the train steps run) the kernel runs per shard in a
@@ -190,6 +221,13 @@ def splash_attention(q, k, v, segment_ids, positions, sliding_window=None):
         raise ValueError(
             "attention='splash' cannot express a sliding window (by position); "
             "use attention='dot_product' or 'xla'"
+        )
+    if prefix_segment_ids is not None:
+        # Splash masks by equal segment ids only; a prefix segment is a second id per query.
+        raise ValueError(
+            "attention='splash' cannot express prompt sharing (prefix_segment_ids): set "
+            "config.model.attention='xla' or 'dot_product', or config.data.layout to "
+            "'padded' or 'packed'"
         )
     B, L, N, H = q.shape
     K = k.shape[2]

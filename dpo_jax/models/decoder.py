@@ -1,15 +1,19 @@
 """`DecoderLM`: one pure-functional decoder covering Llama, Mistral, Qwen2, Gemma, GPT-2 and
 GPT-NeoX through `ModelConfig`.
 
-    logits = model.apply({"params": p}, tokens, positions=None, segment_ids=None)
+    logits = model.apply({"params": p}, tokens, positions=None, segment_ids=None,
+                         prefix_segment_ids=None)
     hidden, unembed = model.apply({"params": p}, tokens, ..., method="features")
     cache = init_cache(config, batch, max_len)              # KV-cache decoding
     logits, cache = model.apply({"params": p}, tokens, positions, cache, method="decode")
 
-tokens, positions, segment_ids: [B, L] int32; logits [B, L, V] in the compute dtype;
-hidden [B, L, D]; unembed [D, V]. Tokens attend causally within equal non-zero segment
-ids, so padding (segment 0) and packing (segments 1..S, positions restarting per segment)
-give the same values as separate unpadded rows.
+tokens, positions, segment_ids, prefix_segment_ids: [B, L] int32; logits [B, L, V] in the
+compute dtype; hidden [B, L, D]; unembed [D, V]. Tokens attend causally within equal
+non-zero segment ids, so padding (segment 0) and packing (segments 1..S, positions
+restarting per segment) give the same values as separate unpadded rows. A token whose
+prefix_segment_ids entry is s != 0 also reads the earlier tokens of segment s (prompt
+sharing: both responses of a pair read one copy of the prompt; the exact rule is in
+`dpo_jax.models.attention`). Decoding takes no prefix: one sequence per row.
 
 Layers run as a Python loop (params layers_0 .. layers_{n-1}) or, with
 `config.scan_layers`, as one `nn.scan` (params `layers` with a leading [num_layers] axis;
@@ -175,7 +179,7 @@ class DecoderLM(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(self, "lm_head", (D, V), ("embed", "vocab"), init)
 
-    def _defaults(self, tokens, positions, segment_ids):
+    def _defaults(self, tokens, positions, segment_ids, prefix_segment_ids=None):
         if tokens.ndim != 2:
             raise ValueError(f"DecoderLM: tokens must be [B, L], got shape {tokens.shape}")
         B, L = tokens.shape
@@ -191,7 +195,10 @@ class DecoderLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
-        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        arrays = [("positions", positions), ("segment_ids", segment_ids)]
+        if prefix_segment_ids is not None:
+            arrays.append(("prefix_segment_ids", prefix_segment_ids))
+        for name, arr in arrays:
             if arr.shape != tokens.shape:
                 raise ValueError(
                     f"DecoderLM: {name} shape {arr.shape} != tokens shape {tokens.shape}"
@@ -203,12 +210,14 @@ class DecoderLM(nn.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        prefix_segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Final normed hidden states [B, L, D] and unembedding [D, V] (compute dtype)."""
         cfg = self.config
-        positions, segment_ids = self._defaults(tokens, positions, segment_ids)
+        positions, segment_ids = self._defaults(tokens, positions, segment_ids, prefix_segment_ids)
         x, cos, sin = self._embed(tokens, positions)
-        mask = Segments(segment_ids, positions)  # masked inside each layer's attention kernel
+        # Masked inside each layer's attention kernel.
+        mask = Segments(segment_ids, positions, prefix_segment_ids)
         if cfg.scan_layers:
             x, _ = self.layers(x, mask, cos, sin, None, None)
         else:
@@ -297,8 +306,9 @@ class DecoderLM(nn.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        prefix_segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits [B, L, V] in the compute dtype."""
-        hidden, unembed = self.features(tokens, positions, segment_ids)
+        hidden, unembed = self.features(tokens, positions, segment_ids, prefix_segment_ids)
         logits = hidden @ unembed
         return nn.with_logical_constraint(logits, _LOGITS)

@@ -123,9 +123,9 @@ class Attention(nn.Module):
     cache: None (keys and values are x's own), or (k, v, index) when decoding: k, v
       [B, S, K, H] cache arrays and the slot `index` [] int32 where x's keys and values are
       written.
-    mask: without a cache, `attention.Segments` (segment_ids, positions [B, L]), attended
-      by the kernel `config.attention` names; with one, the boolean [B, 1, 1, L, S] mask
-      over the updated cache (`attention.decode_mask`).
+    mask: without a cache, `attention.Segments` (segment_ids, positions [B, L], optional
+      prefix_segment_ids [B, L]), attended by the kernel `config.attention` names; with
+      one, the boolean [B, 1, 1, L, S] mask over the updated cache (`attention.decode_mask`).
     Returns (y [B, L, D], (k, v) updated cache arrays, or None without a cache).
     """
 
@@ -169,7 +169,13 @@ class Attention(nn.Module):
             # batch of any length (a fused kernel may not, e.g. splash's 128-token blocks).
             name = "xla" if self.is_initializing() else cfg.attention
             implementation = attention.IMPLEMENTATIONS[name]
-            out = implementation(q, k, v, *mask, sliding_window=cfg.sliding_window)
+            segment_ids, positions, prefix_segment_ids = mask
+            # The prefix goes by keyword, and only when set: an implementation without
+            # prompt sharing keeps the plain (q, k, v, segment_ids, positions) signature.
+            extra = {} if prefix_segment_ids is None else {"prefix_segment_ids": prefix_segment_ids}
+            out = implementation(
+                q, k, v, segment_ids, positions, sliding_window=cfg.sliding_window, **extra
+            )
         else:
             # Decoding attends L new queries to S cache slots (not a square causal
             # problem the fused kernels take), so it keeps the einsum whatever
