@@ -6,12 +6,15 @@
     out = losses.get("sigmoid")(lp, beta=0.1)             # LossOutput(losses [B], rewards [B] x2)
     fn = losses.build(["sigmoid", "bco_pair"], [0.8, 0.2])  # TRL loss_type + loss_weights
     out = fn(lp, beta=0.1, label_smoothing=0.1)
+    adv, ret = losses.ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)  # PPO's pieces
 
 Every paired loss is `fn(logps: PreferenceLogps, *, beta, **hparams) -> LossOutput`; unknown
 hyperparameters or missing inputs (e.g. no reference for a reference-based loss) raise a
-ValueError naming the loss and the field. Names follow TRL's `loss_type`.
+ValueError naming the loss and the field. Names follow TRL's `loss_type`. The PPO (RLHF) math of
+the paper's baseline lives in `losses.ppo` (per-token arrays, not pairs; not in the registry).
 """
 
+from dpo_jax.losses import ppo
 from dpo_jax.losses.core import Loss, LossOutput, PreferenceLogps
 from dpo_jax.losses.modifiers import (
     F_DIVERGENCES,
@@ -84,6 +87,7 @@ __all__ = [
     "names",
     "nca_pair",
     "orpo",
+    "ppo",
     "requires_reference",
     "robust",
     "rpo",
