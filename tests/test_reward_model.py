@@ -1,5 +1,6 @@
 """The reward model: its head, its Bradley-Terry loss, the `rm` stage end to end (learning,
-exact resume) and its Hugging Face export read back by transformers / HFClassifierReward."""
+exact resume, pmap = jit), its Hugging Face export read back by transformers /
+HFClassifierReward, and the import of transformers' `*ForSequenceClassification` models."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from test_loop import load_config, read_metrics
 from train_testlib import (
     SGD,
@@ -28,7 +29,8 @@ from train_testlib import (
 )
 
 from dpo_jax.data import synthetic
-from dpo_jax.models import reward
+from dpo_jax.models import HFCheckpointError, reward
+from dpo_jax.models.hf import from_hf_classifier
 from dpo_jax.train import loop
 from dpo_jax.train import reward as reward_step
 from dpo_jax.train.validate import ConfigError, validate
@@ -227,6 +229,75 @@ def test_rm_resume_from_an_earlier_checkpoint_is_exact(rm_run, tmp_path):
     steps = [r["step"] for r in read_metrics(copy) if r["stage"] == "rm" and "loss" in r]
     assert steps == list(range(1, config.rm.steps + 1))
     assert glob.glob(os.path.join(copy, "checkpoints", "rm", str(config.rm.steps)))
+
+
+def test_rm_export_imports_back_bitwise(rm_run):
+    workdir, config, params = rm_run
+    model, loaded = from_hf_classifier(os.path.join(workdir, "hf"))
+    assert isinstance(model, reward.RewardModel) and model.config.tie_embeddings
+    assert_trees_close(loaded, params, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Import of transformers' *ForSequenceClassification
+# ------------------------------------------------------------------------------------------
+
+PAD = 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_from_hf_classifier_scores_equal_transformers(family, tmp_path):
+    """A tiny random transformers classifier (num_labels=1, every weight perturbed), read
+    back: our rewards of right-padded rows of unequal lengths equal its logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from test_models_hf import CASES
+
+    hf_config = CASES[family]()
+    hf_config.num_labels, hf_config.pad_token_id = 1, PAD
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForSequenceClassification.from_config(hf_config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf_model.save_pretrained(tmp_path)
+    model, params = from_hf_classifier(str(tmp_path))
+
+    lengths = [9, 4, 12, 1]
+    rng = np.random.default_rng(0)
+    tokens = np.full((len(lengths), 12), PAD, np.int64)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rng.integers(1, 256, size=n)
+    real = (tokens != PAD).astype(np.int32)
+    with torch.no_grad():
+        mask = torch.tensor(real)
+        theirs = hf_model(torch.tensor(tokens), attention_mask=mask).logits[:, 0].numpy()
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    ours = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), positions, real)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.std(theirs) > 1e-3  # the rows really score differently
+
+
+def test_from_hf_classifier_refuses_other_checkpoints(rm_run, tmp_path):
+    hf_dir = os.path.join(rm_run[0], "hf")
+    hf_config = json.load(open(os.path.join(hf_dir, "config.json")))
+    for name, changes, message in [
+        ("lm", {"architectures": ["LlamaForCausalLM"]}, "no \\*ForSequenceClassification"),
+        ("two", {"num_labels": 2}, "num_labels=2"),
+    ]:
+        path = tmp_path / name
+        shutil.copytree(hf_dir, path)
+        json.dump({**hf_config, **changes}, open(path / "config.json", "w"))
+        with pytest.raises(HFCheckpointError, match=message):
+            from_hf_classifier(str(path))
+    # A classifier without its head is missing a tensor, named.
+    path = tmp_path / "headless"
+    shutil.copytree(hf_dir, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["score.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFCheckpointError, match="score.weight"):
+        from_hf_classifier(str(path))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint import (`from_hf`) and export (`to_hf`), safetensors only.
+"""Hugging Face checkpoint import (`from_hf`) and export (`to_hf`), safetensors only; reward
+models as one-label `*ForSequenceClassification` (`from_hf_classifier`, `to_hf_classifier`).
 
 Reads a local directory (config.json + model.safetensors or a sharded
 model.safetensors.index.json) with safetensors' numpy API: no torch at run time.
@@ -35,6 +36,7 @@ from dpo_jax.models.hf_config import (
     config_from_hf,
     config_to_hf,
 )
+from dpo_jax.models.reward import RewardModel, trunk_config
 
 _IGNORED = re.compile(
     r"(rotary_emb\.inv_freq|(^|\.)attn\.(bias|masked_bias)|(^|\.)attention\.(bias|masked_bias))$"
@@ -290,25 +292,30 @@ def _get(tree, path: tuple[str, ...]):
     return tree
 
 
-def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, dict[str, Any]]:
-    """Load a local Hugging Face checkpoint directory.
-
-    Returns `(model, params)`: `params` is a nested dict of host numpy float32 arrays (put
-    them on devices with your own shardings). `dtype` is the compute dtype; `overrides`
-    replace other `ModelConfig` fields (e.g. remat=True; scan_layers=True stacks the
-    layers' params, see `decoder.stack_layers`). Raises `HFCheckpointError`
-    (a ValueError) for unsupported configs and missing, mis-shaped or unused tensors.
-    """
+def _read_config(path: str) -> tuple[dict[str, Any], str]:
+    """(parsed config.json, its path) of a checkpoint directory."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise HFCheckpointError(f"{path}: no config.json")
     with open(config_path) as f:
-        cfg = config_from_hf(json.load(f), where=config_path, dtype=dtype, **overrides)
-    files = _tensor_files(path)
-    prefix = (
-        "" if cfg.family == "gpt2" and "transformer.wte.weight" not in files else "transformer."
-    )
-    entries = weight_entries(cfg, gpt2_prefix=prefix)
+        return json.load(f), config_path
+
+
+def _gpt2_prefix(cfg: ModelConfig, files: dict[str, str]) -> str:
+    """GPT-2 tensors are named `transformer.*` in GPT2LMHeadModel / *ForSequenceClassification
+    checkpoints and without the prefix in bare GPT2Model ones."""
+    bare = cfg.family == "gpt2" and "transformer.wte.weight" not in files
+    return "" if bare else "transformer."
+
+
+def _load_entries(
+    path: str, files: dict[str, str], entries: list[_Entry], cfg: ModelConfig, may_skip=()
+) -> dict[str, Any]:
+    """Reads every entry's tensor into a nested dict of host float32 arrays (loop layout).
+
+    Raises `HFCheckpointError` for missing or mis-shaped tensors, and for tensors that no
+    entry uses unless they are known buffers (`_IGNORED`) or named in `may_skip`.
+    """
     missing = [e.hf_name for e in entries if e.hf_name not in files]
     if missing:
         raise HFCheckpointError(
@@ -317,11 +324,7 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
         )
     used = {e.hf_name for e in entries}
     leftover = sorted(
-        n
-        for n in files
-        if n not in used
-        and not _IGNORED.search(n)
-        and not (cfg.tie_embeddings and n == "lm_head.weight")
+        n for n in files if n not in used and not _IGNORED.search(n) and n not in may_skip
     )
     if leftover:
         raise HFCheckpointError(
@@ -352,7 +355,24 @@ def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, 
             handle.__exit__(None, None, None)
     if cfg.scan_layers:
         params = stack_layers(params, cfg.num_layers)
-    return DecoderLM(cfg), params
+    return params
+
+
+def from_hf(path: str, dtype: str = "float32", **overrides) -> tuple[DecoderLM, dict[str, Any]]:
+    """Load a local Hugging Face checkpoint directory.
+
+    Returns `(model, params)`: `params` is a nested dict of host numpy float32 arrays (put
+    them on devices with your own shardings). `dtype` is the compute dtype; `overrides`
+    replace other `ModelConfig` fields (e.g. remat=True; scan_layers=True stacks the
+    layers' params, see `decoder.stack_layers`). Raises `HFCheckpointError`
+    (a ValueError) for unsupported configs and missing, mis-shaped or unused tensors.
+    """
+    hf_config, config_path = _read_config(path)
+    cfg = config_from_hf(hf_config, where=config_path, dtype=dtype, **overrides)
+    files = _tensor_files(path)
+    entries = weight_entries(cfg, gpt2_prefix=_gpt2_prefix(cfg, files))
+    redundant_head = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    return DecoderLM(cfg), _load_entries(path, files, entries, cfg, redundant_head)
 
 
 def to_hf(model: DecoderLM, params, path: str) -> None:
@@ -377,6 +397,11 @@ def to_hf(model: DecoderLM, params, path: str) -> None:
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
+def _score_entry(cfg: ModelConfig) -> _Entry:
+    """The reward head: HF `score.weight` [1, D] <-> our `score` [D, 1]."""
+    return _linear("score.weight", ("score",), (cfg.hidden_size, 1))
+
+
 def to_hf_classifier(model, params, path: str, *, pad_token_id: int) -> None:
     """Write a `models.reward.RewardModel` as the family's `*ForSequenceClassification`
     (config.json with num_labels=1 + model.safetensors, float32) that
@@ -392,7 +417,7 @@ def to_hf_classifier(model, params, path: str, *, pad_token_id: int) -> None:
     params = nn.unbox(params)
     if cfg.scan_layers:
         params = unstack_layers(params)
-    entries = [*weight_entries(cfg), _linear("score.weight", ("score",), (cfg.hidden_size, 1))]
+    entries = [*weight_entries(cfg), _score_entry(cfg)]
     tensors = {}
     for e in entries:
         values = [np.asarray(_get(params, p), dtype=np.float32) for p in e.paths]
@@ -406,3 +431,32 @@ def to_hf_classifier(model, params, path: str, *, pad_token_id: int) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def from_hf_classifier(path: str, dtype: str = "float32", **overrides):
+    """Load a `*ForSequenceClassification` directory with one label (a reward model, e.g.
+    `to_hf_classifier`'s) as `(models.reward.RewardModel, params)`; the inverse of
+    `to_hf_classifier`.
+
+    params: the trunk's (no `lm_head`) plus `score: [D, 1]`, host numpy float32. Our model
+    scores each row's rightmost real token by segment id; transformers' the rightmost token
+    that is not config.json's `pad_token_id`: the same token when the tokenizer pads with
+    that id. dtype / overrides as in `from_hf`. Raises `HFCheckpointError` for a checkpoint
+    that is not a one-label classifier, and as `from_hf` for its tensors.
+    """
+    hf_config, config_path = _read_config(path)
+    architectures = hf_config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise HFCheckpointError(
+            f"{config_path}: architectures {architectures} has no *ForSequenceClassification "
+            "(a causal LM loads with from_hf)"
+        )
+    num_labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {"0": None}))
+    if num_labels != 1:
+        raise HFCheckpointError(
+            f"{config_path}: num_labels={num_labels}; a reward model has one label (a scalar)"
+        )
+    cfg = trunk_config(config_from_hf(hf_config, where=config_path, dtype=dtype, **overrides))
+    files = _tensor_files(path)
+    entries = [*weight_entries(cfg, gpt2_prefix=_gpt2_prefix(cfg, files)), _score_entry(cfg)]
+    return RewardModel(cfg), _load_entries(path, files, entries, cfg)
