@@ -21,9 +21,9 @@ and keys are tiled in blocks of `block_size` and the work is a list of (row, que
 key block) triples, built at run time from the segment ids: a query block visits key
 blocks from the one holding the earliest key any of its tokens can see (the first token
 of each segment it holds, and of each prefix segment its tokens name) up to its own
-diagonal block, and skips key blocks of pure padding. Cost follows the real segment
-lengths. The sliding window is applied inside blocks only (it never narrows the list):
-correct for any positions, and the windows of the models we run are longer than a row.
+diagonal block; query blocks of pure padding visit nothing. Cost follows the real
+segment lengths. The sliding window is applied inside blocks only: it never narrows the
+list (a window much shorter than a segment would leave more blocks to skip; not done).
 
 The list has a static capacity (every block on or below the diagonal of every row) and a
 data-dependent length, so the loops over it are while loops, which JAX cannot
@@ -81,8 +81,10 @@ def make_schedule(segment_ids: jax.Array, prefix_segment_ids: jax.Array, block_s
 
     A query block needs key blocks from the one holding the earliest key any of its real
     tokens can see (the first token of its own segment, or of the prefix segment it names)
-    through its diagonal block, less the key blocks of pure padding. Exact when segments
-    are contiguous runs (as the batchers write them); otherwise a superset, still correct."""
+    through its diagonal block. Exactly the blocks with a visible key when segments are
+    contiguous runs (as the batchers write them) and no prefix is set; otherwise a superset
+    (e.g. a rejected response also visits the chosen one's blocks between it and its
+    prompt), still correct."""
     B, L = segment_ids.shape
     nb = L // block_size
     own = _first_index(segment_ids, segment_ids)
@@ -90,10 +92,9 @@ def make_schedule(segment_ids: jax.Array, prefix_segment_ids: jax.Array, block_s
     earliest = jnp.where(segment_ids != 0, jnp.minimum(own, prefix), L)
     # nb (past every block) for a query block of pure padding: it gets no entries.
     first_block = earliest.reshape(B, nb, block_size).min(-1) // block_size
-    real_keys = (segment_ids != 0).reshape(B, nb, block_size).any(-1)
 
     query_block, key_block = (jnp.asarray(x, jnp.int32) for x in np.tril_indices(nb))
-    needed = (key_block >= first_block[:, query_block]) & real_keys[:, key_block]  # [B, T/B]
+    needed = key_block >= first_block[:, query_block]  # [B, T / B]
     order = jnp.argsort(~needed.reshape(-1), stable=True).astype(jnp.int32)
     pair = order % query_block.size
     return Schedule(
