@@ -10,6 +10,8 @@ point take any of them:
                        directory, run by transformers + torch (the `[eval]` extra): the DPO
                        paper's IMDb sentiment classifier (siebert/sentiment-roberta-large-
                        english) or any reward model with a scalar head.
+  SubstringCount       occurrences of a fixed substring: a reward any tiny model can move,
+                       for tests of RL training (PPO) on toy data.
   implicit_reward      the policy's own DPO reward beta * (log pi(y|x) - log pi_ref(y|x)),
                        from sequence log-prob sums (e.g. `kl.sequence_logps`).
 
@@ -33,6 +35,7 @@ from dpo_jax.evaluation.kl import paired_logps
 __all__ = [
     "HFClassifierReward",
     "Reward",
+    "SubstringCount",
     "VaderSentiment",
     "check_texts",
     "implicit_reward",
@@ -90,6 +93,25 @@ class VaderSentiment:
         check_texts("VaderSentiment", prompts, completions)
         texts = _texts(prompts, completions, self.with_prompt)
         return np.array([self._analyzer.polarity_scores(t)["compound"] for t in texts])
+
+
+class SubstringCount:
+    """Non-overlapping occurrences of `target` in each text (`str.count`), as float64.
+
+    Args:
+      target: a non-empty substring, e.g. "a".
+      with_prompt: count in `prompt + completion` (True) or in the completion alone (False).
+    """
+
+    def __init__(self, target: str, *, with_prompt: bool = False):
+        if not isinstance(target, str) or not target:
+            raise ValueError(f"SubstringCount: target must be a non-empty string, got {target!r}")
+        self.target, self.with_prompt = target, with_prompt
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        check_texts("SubstringCount", prompts, completions)
+        texts = _texts(prompts, completions, self.with_prompt)
+        return np.array([t.count(self.target) for t in texts], np.float64)
 
 
 SCORES = ("log_odds", "log_prob", "prob", "logit")

@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dpo_jax import losses, parallel
+from dpo_jax.evaluation import options
 from dpo_jax.train.generation import generation_config
 from dpo_jax.train.optimizers import default_optimizer_config
 
@@ -134,6 +135,42 @@ def base_config() -> ml_collections.ConfigDict:
     c.rm.center_rewards_coefficient = 0.0  # TRL's weight of mean((r_c + r_r)^2); 0 = off
     c.rm.optimizer = optimizer_config(name="adamw", learning_rate=1e-5, warmup_steps=10)
 
+    # --- PPO stage (RLHF; stages ("ppo",), ("sft", "ppo"), ("rm", "ppo") or ("sft", "rm",
+    # "ppo"); not with "dpo") -------------------------------------------------------------
+    # Each iteration: rollouts of the policy on a batch of the pairs' prompts, their sequence
+    # reward, KL-shaped per-token rewards + GAE, then epochs x minibatches of clipped PPO
+    # updates of the policy and a value model (dpo_jax/train/ppo.py; math: losses/ppo.py).
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.steps = 100  # PPO iterations (one rollout batch and its updates each)
+    c.ppo.batch_size = 64  # prompts (one rollout each) per iteration (global)
+    c.ppo.init_from = "sft"  # policy and reference start: sft (this run's SFT) | model
+    c.ppo.max_new_tokens = 32  # response budget of a rollout (temperature 1, stops at EOS)
+    c.ppo.epochs = 4  # passes over each rollout batch (TRL num_ppo_epochs)
+    c.ppo.num_minibatches = 1  # updates per pass; must divide batch_size (TRL num_mini_batches)
+    # Sequence reward: learned (this run's "rm" stage, else the classifier in reward_path) |
+    # ground_truth (the text reward `ppo.ground_truth`, e.g. VADER: PPO-GT of the paper).
+    c.ppo.reward = "ground_truth"
+    c.ppo.reward_path = ""  # learned, no "rm" stage: an exported *ForSequenceClassification
+    c.ppo.ground_truth = options.reward_config()  # vader | classifier | count (below)
+    c.ppo.ground_truth.name = "vader"
+    c.ppo.ground_truth.target = ""  # count: the substring whose occurrences are the reward
+    c.ppo.value_model = "separate"  # separate: its own trunk (from the RM, else the policy)
+    c.ppo.kl_coef = 0.05  # initial beta_KL of the per-token penalty -beta_KL * kl_t
+    c.ppo.kl_estimator = "k1"  # per-token KL estimate: k1 | abs | mse | k3 (losses/ppo.py)
+    # Adaptive controller (Ziegler et al. 2019): target sequence KL in nats (the DPO paper
+    # sweeps 3, 6, 9, 12); None = the fixed coefficient kl_coef.
+    c.ppo.kl_target = config_dict.placeholder(float)
+    c.ppo.kl_horizon = 10000  # adaptive: samples over which beta_KL moves by at most 20%
+    c.ppo.gamma = 1.0  # GAE discount
+    c.ppo.lam = 0.95  # GAE lambda
+    c.ppo.clip_range = 0.2  # policy ratio clip epsilon
+    c.ppo.clip_range_value = 0.2  # value clip around the rollout's values
+    c.ppo.vf_coef = 0.1  # weight of the value loss in the one loss of both models
+    c.ppo.whiten_rewards = False  # whiten the shaped rewards (mean kept) before GAE (TRL)
+    # Policy and value params are one tree under one optimizer (clipping over both), as
+    # TRL's PolicyAndValueWrapper; its steps are iterations x epochs x num_minibatches.
+    c.ppo.optimizer = optimizer_config(name="adamw", learning_rate=3e-6, warmup_steps=0)
+
     # --- Parallelism ---------------------------------------------------------------------
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "jit"  # jit (sharded over a mesh) | pmap (replicated data parallel)
@@ -200,13 +237,15 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.data.max_length = 32
     c.data.max_prompt_length = 16
     c.data.pad_to_multiple_of = 32
-    for stage in (c.sft, c.dpo, c.rm):
+    for stage in (c.sft, c.dpo, c.rm, c.ppo):
         stage.steps = min(stage.steps, 6) if stage.steps else 0
         stage.batch_size = 8
         stage.optimizer.warmup_steps = 2
         stage.optimizer.learning_rate = 1e-3
     c.dpo.init_from = "sft" if "sft" in c.stages else "model"
     c.rm.init_from = c.dpo.init_from
+    c.ppo.init_from = c.dpo.init_from
+    c.ppo.max_new_tokens = 8
     c.checkpoint.every_steps = 2
     c.eval.every_steps = 3
     c.log.every_steps = 1

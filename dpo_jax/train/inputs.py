@@ -170,7 +170,7 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
     )
     counter = BadRecordCounter(data.on_bad_record, name="data")
     reader = _Reader(data, load_tokenizer(tokenizer_dir), tokenize_config, counter)
-    if "dpo" not in config.stages and "rm" not in config.stages:  # rm: the same pairs
+    if not {"dpo", "rm", "ppo"} & set(config.stages):  # rm, ppo: the pairs (ppo: prompts)
         return _sft_only_splits(config, reader, train_files)
     kind = "unpaired" if "dpo" in config.stages and unpaired(config) else "preference"
     examples = reader.examples(train_files, data.tfds_train_split, kind) or []

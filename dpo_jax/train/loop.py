@@ -31,7 +31,7 @@ from dpo_jax.data import batching
 from dpo_jax.models import lora as lora_lib
 from dpo_jax.models import reward as reward_model
 from dpo_jax.train import devices as devices_lib
-from dpo_jax.train import inputs, reference_cache, reward, steps, throughput, unpaired
+from dpo_jax.train import inputs, ppo, reference_cache, reward, steps, throughput, unpaired
 from dpo_jax.train import workdir as workdir_lib
 from dpo_jax.train.checkpoints import StageCheckpointer
 from dpo_jax.train.devices import Devices
@@ -496,8 +496,11 @@ def summarize(workdir: str) -> str:
         if counts:
             lines.append("Data: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     lines.extend(_throughput_lines(records))
+    lines.extend(_ppo_lines(records))
     evals = [r for r in records if r["stage"] == "dpo" and "eval/loss" in r]
     if not evals:
+        if any(r["stage"] == "ppo" for r in records):
+            return "\n".join(lines)
         return "\n".join([*lines, "no DPO evaluation recorded"])
     first, last = evals[0], evals[-1]
     what = "pairs" if "eval/pairs" in last else "examples"
@@ -516,6 +519,19 @@ def summarize(workdir: str) -> str:
     else:
         lines.append("  (at step 0 the policy is the reference: every reward is 0)")
     return "\n".join(lines)
+
+
+def _ppo_lines(records) -> list[str]:
+    """PPO: the rollouts' mean score and sequence KL, first iteration -> last."""
+    logged = [r for r in records if r["stage"] == "ppo" and "score" in r]
+    if not logged:
+        return []
+    first, last = logged[0], logged[-1]
+    return [
+        f"PPO rollouts: iteration {first['step']} -> {last['step']}: mean score "
+        f"{first['score']:.4f} -> {last['score']:.4f}, KL {first['kl']:.4f} -> "
+        f"{last['kl']:.4f} nats per sequence, kl_coef {last['kl_coef']:.4g}"
+    ]
 
 
 def _throughput_lines(records) -> list[str]:
@@ -624,8 +640,21 @@ def run(
     initial_params = params = devices.initial_params(host_params, config.seed)
 
     # --- stages ---
+    lm_devices, policy_start, trained_rm = devices, None, None
     for name in config.stages:
+        if name == "ppo":  # the policy again (after a reward model, if any), its own loop
+            if config.ppo.init_from == "model":
+                policy_start = initial_params if policy_start is None else policy_start
+            elif policy_start is None:
+                policy_start = params  # this run's SFT, no reward model in between
+            stage = ppo.PPOStage(config, workdir, lm_devices, splits, writer, policy_start,
+                                 reward=trained_rm)  # fmt: skip
+            params = policy_start = trained_rm = initial_params = None
+            params, model = stage.run(), lm_devices.model
+            continue
         if name == "rm":  # a reward model: its own module (score head) and placement
+            if "ppo" in config.stages:  # PPO's policy starts from the LM, not the RM
+                policy_start = initial_params if config.ppo.init_from == "model" else params
             devices, params = _reward_inputs(config, model, params, initial_params)
             model, reference, initial_params = devices.model, None, None
         else:
@@ -637,11 +666,13 @@ def run(
         if name == "dpo":
             initial_params = None
         params = stage.run()
+        if name == "rm" and "ppo" in config.stages:
+            trained_rm = (model, params)
 
     # --- export and summary ---
     if config.export_hf:
         _export(model, params, splits.tokenizer, workdir)
     writer.close()
-    if jax.process_index() == 0 and "dpo" in config.stages:
+    if jax.process_index() == 0 and ("dpo" in config.stages or "ppo" in config.stages):
         print(summarize(workdir), flush=True)
     return params

@@ -28,7 +28,8 @@ from dpo_jax.train.scoring import ScoringOptions
 from dpo_jax.train.steps import Guard, Objective
 from dpo_jax.train.unpaired import UnpairedObjective
 
-STAGES = ("sft", "dpo", "rm")  # "rm": a reward model (train/reward.py), not with "dpo"
+# "rm": a reward model (train/reward.py), "ppo": RLHF (train/ppo.py); neither with "dpo"
+STAGES = ("sft", "dpo", "rm", "ppo")
 REFERENCE_MODES = ("params", "cached", "none")
 INIT_FROM = ("sft", "model")
 LAYOUTS = ("padded", "packed")
@@ -115,6 +116,9 @@ def _check_stage(c: _Checker, name: str) -> None:
     stage = c.config[name]
     c.require(f"{name}.steps", _positive_int, "a stage in config.stages needs steps >= 1")
     c.require(f"{name}.batch_size", _positive_int, "must be an int >= 1")
+    if name == "ppo":  # minibatches instead of accumulation; its own batch checks
+        _check_ppo_optimizer(c, stage)
+        return
     if c.require(f"{name}.accum_steps", _positive_int, "must be an int >= 1"):
         if _positive_int(stage.batch_size) and stage.batch_size % stage.accum_steps:
             c.problems.append(
@@ -380,6 +384,121 @@ def _check_rm(c: _Checker) -> None:
         )
 
 
+PPO_REWARDS = ("learned", "ground_truth")
+PPO_GROUND_TRUTHS = ("vader", "classifier", "count")
+PPO_VALUE_MODELS = ("separate",)  # "shared" (a head on the policy trunk) is not built
+
+
+def ppo_updates(ppo: ml_collections.ConfigDict) -> int:
+    """Optimizer updates of a PPO stage: iterations x epochs x minibatches."""
+    return int(ppo.steps) * int(ppo.epochs) * int(ppo.num_minibatches)
+
+
+def _check_ppo_optimizer(c: _Checker, ppo) -> None:
+    total = (
+        ppo_updates(ppo)
+        if all(_positive_int(ppo[k]) for k in ("steps", "epochs", "num_minibatches"))
+        else 0
+    )
+    c.call("ppo.optimizer", lambda: make_optimizer({**ppo.optimizer.to_dict(),
+                                                    "total_steps": total}))  # fmt: skip
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_ppo(c: _Checker) -> None:
+    """The PPO stage: its start, rollouts, reward, value model, KL control and minibatches."""
+    from dpo_jax.losses.ppo import KL_KINDS
+
+    config = c.config
+    ppo = config.ppo
+    if "dpo" in config.stages:
+        c.problems.append(
+            "config.stages: 'ppo' and 'dpo' both train the policy; run them separately"
+        )
+    if config.parallel.mode != "jit":
+        c.problems.append(
+            f"config.parallel.mode={config.parallel.mode!r}: the PPO stage runs on a jit mesh "
+            "only (set config.parallel.mode='jit')"
+        )
+    c.require("ppo.init_from", lambda v: v in INIT_FROM, f"expected one of {INIT_FROM}")
+    if ppo.init_from == "sft" and "sft" not in config.stages:
+        c.problems.append("config.ppo.init_from='sft' needs 'sft' in config.stages (or 'model')")
+    for key in ("max_new_tokens", "epochs", "num_minibatches", "kl_horizon"):
+        c.require(f"ppo.{key}", _positive_int, "must be an int >= 1")
+    if _positive_int(ppo.batch_size) and _positive_int(ppo.num_minibatches):
+        if ppo.batch_size % ppo.num_minibatches:
+            c.problems.append(
+                f"config.ppo.num_minibatches={ppo.num_minibatches} must divide "
+                f"config.ppo.batch_size={ppo.batch_size}"
+            )
+        else:
+            _check_minibatch_split(c, ppo.batch_size // ppo.num_minibatches)
+    if c.require("ppo.reward", lambda v: v in PPO_REWARDS, f"expected one of {PPO_REWARDS}"):
+        if ppo.reward == "learned":
+            if "rm" not in config.stages and not os.path.isfile(
+                os.path.join(ppo.reward_path, "config.json")
+            ):
+                c.problems.append(
+                    f"config.ppo.reward_path={ppo.reward_path!r}: ppo.reward='learned' needs "
+                    "an 'rm' stage in config.stages or a local *ForSequenceClassification "
+                    "directory (with config.json) here"
+                )
+        else:
+            _check_ground_truth(c, ppo.ground_truth)
+    c.require(
+        "ppo.value_model",
+        lambda v: v in PPO_VALUE_MODELS,
+        f"expected one of {PPO_VALUE_MODELS} (a value head shared with the policy trunk is "
+        "not built)",
+    )
+    c.require("ppo.kl_coef", lambda v: _number(v) and v >= 0, "must be a number >= 0")
+    c.require("ppo.kl_estimator", lambda v: v in KL_KINDS, f"expected one of {KL_KINDS}")
+    c.require(
+        "ppo.kl_target",
+        lambda v: v is None or (_number(v) and v > 0),
+        "must be > 0 (nats per sequence), or None for a fixed kl_coef",
+    )
+    for key in ("gamma", "lam"):
+        c.require(f"ppo.{key}", lambda v: _number(v) and 0 <= v <= 1, "must be in [0, 1]")
+    for key in ("clip_range", "clip_range_value"):
+        c.require(f"ppo.{key}", lambda v: _number(v) and v > 0, "must be > 0")
+    c.require("ppo.vf_coef", lambda v: _number(v) and v >= 0, "must be a number >= 0")
+    c.require("ppo.whiten_rewards", lambda v: isinstance(v, bool), "must be True or False")
+
+
+def _check_minibatch_split(c: _Checker, minibatch: int) -> None:
+    """Each process's share of a PPO minibatch (and so of the rollout batch) must split
+    evenly over its batch shards."""
+    processes = jax.process_count()
+    shards = c.call("parallel.mesh_shape", lambda: batch_shards(c.config))
+    if minibatch % processes or (shards and (minibatch // processes) % shards):
+        c.problems.append(
+            f"config.ppo.batch_size={c.config.ppo.batch_size}: its minibatches of {minibatch} "
+            f"rollouts (config.ppo.num_minibatches={c.config.ppo.num_minibatches}) must divide "
+            f"by the {processes} process(es) and then by each process's {shards} batch shards "
+            "(config.parallel.mesh_shape)"
+        )
+
+
+def _check_ground_truth(c: _Checker, gt) -> None:
+    names = PPO_GROUND_TRUTHS
+    if not c.require("ppo.ground_truth.name", lambda v: v in names, f"expected one of {names}"):
+        return
+    if gt.name == "count" and not gt.target:
+        c.problems.append(
+            "config.ppo.ground_truth.target='': the count reward needs the substring to count"
+        )
+    if gt.name == "classifier":
+        c.require(
+            "ppo.ground_truth.path",
+            lambda v: os.path.isfile(os.path.join(v, "config.json")),
+            "not a local Hugging Face classifier directory (no config.json)",
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` listing every invalid key of `config` (a run config)."""
     c = _Checker(config)
@@ -399,5 +518,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_dpo(c)
     if "rm" in stages:
         _check_rm(c)
+    if "ppo" in stages:
+        _check_ppo(c)
     if c.problems:
         raise ConfigError(c.problems)
