@@ -4,6 +4,7 @@ HFClassifierReward, and the import of transformers' `*ForSequenceClassification`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import json
@@ -229,6 +230,27 @@ def test_rm_resume_from_an_earlier_checkpoint_is_exact(rm_run, tmp_path):
     steps = [r["step"] for r in read_metrics(copy) if r["stage"] == "rm" and "loss" in r]
     assert steps == list(range(1, config.rm.steps + 1))
     assert glob.glob(os.path.join(copy, "checkpoints", "rm", str(config.rm.steps)))
+
+
+def test_rm_pmap_mode_matches_jit_mode(rm_run, tmp_path):
+    """The rm stage under parallel.mode=pmap (8 replicas; loss and metrics psum'ed over the
+    global batch) trains like the jit run (mesh over 8 devices): same params and metrics."""
+    workdir, config, params = rm_run
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.parallel.mode = "pmap"
+        config.export_hf = False
+    pmap_params = jax.device_get(loop.run(config, str(tmp_path)))
+    assert_trees_close(pmap_params, params, rtol=1e-5, atol=1e-6)
+    ours = [r for r in read_metrics(str(tmp_path)) if r["stage"] == "rm"]
+    theirs = [r for r in read_metrics(workdir) if r["stage"] == "rm"]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    compared = set()
+    for a, b in zip(ours, theirs, strict=True):
+        for key in [k for k in b if k == "loss" or k.startswith(("eval/", "rewards/", "acc"))]:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            compared.add(key)
+    assert {"loss", "accuracy", "eval/loss", "eval/accuracy", "rewards/margins"} <= compared
 
 
 def test_rm_export_imports_back_bitwise(rm_run):
