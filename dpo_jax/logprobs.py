@@ -14,6 +14,10 @@ Two ways to get token log-probs:
     vocabulary and has a custom VJP that recomputes each block's softmax, so neither the
     forward nor the backward pass holds [B, L, V] in memory. With V = 128k this is most of
     the activation memory of a DPO step (see experiments/logprobs_memory/README.md).
+    Given `loss_mask`, it runs the head only at the positions whose next token is scored
+    (response tokens): each row's scored positions are gathered to its front and the
+    chunks past the longest row's count are skipped, forward and backward (DPO's sums
+    never read the other entries, which it returns as 0).
 
 Targets outside [0, V) give NaN at their entry (never a silently wrong number); at
 unscored entries the masked helpers below drop it without touching values or gradients.
@@ -129,13 +133,28 @@ def _chunk_forward(h, targets, w, vc):
     return jnp.where(valid, picked - lse, jnp.nan), lse
 
 
-def _chunked_logps_fwd(h, w, targets, vc):
-    logps, lse = lax.map(lambda xs: _chunk_forward(xs[0], xs[1], w, vc), (h, targets))
-    return logps, (h, w, targets, lse)
+def _if_live(live, k, compute, skipped):
+    """compute() for sequence chunk k if it is live (k < live; None = every chunk is), else
+    skipped(): a chunk holding no scored position costs no head FLOPs."""
+    if live is None:
+        return compute()
+    return lax.cond(k < live, compute, skipped)
+
+
+def _chunked_logps_fwd(h, w, targets, live, vc):
+    def chunk(xs):
+        k, h_c, targets_c = xs
+        zeros = jnp.zeros(targets_c.shape, jnp.float32)
+        return _if_live(
+            live, k, lambda: _chunk_forward(h_c, targets_c, w, vc), lambda: (zeros, zeros)
+        )
+
+    logps, lse = lax.map(chunk, (jnp.arange(h.shape[0]), h, targets))
+    return logps, (h, w, targets, live, lse)
 
 
 def _chunked_logps_bwd(vc, residuals, g):
-    h, w, targets, lse = residuals
+    h, w, targets, live, lse = residuals
     compute_dtype = jnp.result_type(h, w)
     # Invalid targets gave a constant NaN: no gradient flows from them.
     g = jnp.where((targets >= 0) & (targets < w.shape[1]), g, 0.0).astype(jnp.float32)
@@ -147,7 +166,15 @@ def _chunked_logps_bwd(vc, residuals, g):
         w_j, start, cols, new = _vocab_block(w, j, vc)
 
         def chunk(dw_j, xs):
-            h_c, targets_c, lse_c, g_c = xs
+            k, h_c, targets_c, lse_c, g_c = xs
+            return _if_live(
+                live,
+                k,
+                lambda: chunk_grads(dw_j, h_c, targets_c, lse_c, g_c),
+                lambda: (dw_j, jnp.zeros(h_c.shape, jnp.float32)),
+            )
+
+        def chunk_grads(dw_j, h_c, targets_c, lse_c, g_c):
             # d logp / d logits = onehot(target) - softmax, recomputed from the saved lse;
             # both are 0 on columns of an earlier block (logits -inf there).
             probs = jnp.exp(_block_logits(h_c, w_j, new) - lse_c[..., None])
@@ -160,7 +187,8 @@ def _chunked_logps_bwd(vc, residuals, g):
             )
             return dw_j, dh_c
 
-        dw_j, dh_j = lax.scan(chunk, jnp.zeros(w_j.shape, jnp.float32), (h, targets, lse, g))
+        xs = (jnp.arange(h.shape[0]), h, targets, lse, g)
+        dw_j, dh_j = lax.scan(chunk, jnp.zeros(w_j.shape, jnp.float32), xs)
         if w_j.shape == w.shape:
             return (dh + dh_j, dw_j.astype(w.dtype)), None
         dw_j = jnp.where(new, dw_j.astype(w.dtype), lax.dynamic_slice_in_dim(dw, start, vc, 1))
@@ -168,19 +196,22 @@ def _chunked_logps_bwd(vc, residuals, g):
 
     init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
     (dh, dw), _ = lax.scan(block, init, jnp.arange(_num_blocks(w, vc)))
-    return dh.astype(h.dtype), dw, None
+    return dh.astype(h.dtype), dw, None, None
 
 
-# vc (vocab chunk) is a static Python int, hence a nondiff argument.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_logps(h, w, targets, vc):
-    return _chunked_logps_fwd(h, w, targets, vc)[0]
+# vc (vocab chunk) is a static Python int, hence a nondiff argument. live: None (every
+# chunk) or an int32 scalar, the number of leading chunks to compute (the rest give 0).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_logps(h, w, targets, live, vc):
+    return _chunked_logps_fwd(h, w, targets, live, vc)[0]
 
 
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
-def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_chunk_size=8192):
+def token_logps_from_features(
+    hidden, unembed, tokens, *, loss_mask=None, chunk_size=256, vocab_chunk_size=8192
+):
     """Per-token log-probs from final hidden states, without materialising [B, L, V].
 
     Equals `token_logps(hidden @ unembed, tokens)` (the matmul accumulated in float32,
@@ -190,16 +221,28 @@ def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_
     float32 [B, L, V] arrays. Compute: the logits are computed twice (once more in the
     backward pass), like rematerialisation.
 
+    With `loss_mask`, the head runs only where it is needed: each row's scored entries are
+    gathered to its front (in order; positions t-1 for the entries t with loss_mask = 1),
+    and the sequence chunks past the row with the most scored entries are skipped, forward
+    and backward (`lax.cond`, decided at run time). So the head's cost follows the largest
+    per-row count of scored tokens rounded up to `chunk_size`, not L: nothing is
+    truncated, whatever the batch holds (no capacity to choose, no token ever dropped),
+    and the shapes stay static. Scored entries (and all gradients) equal the unmasked
+    call's; unscored entries are 0. Rows stay rows, so a batch sharding survives.
+
     Args:
       hidden: [B, L, D] float (leading dims may be any batch shape), e.g. bfloat16.
       unembed: [D, V] float.
       tokens: [B, L] int.
+      loss_mask: optional [B, L] 0/1, `loss_mask[..., t] = 1` when entry t is scored.
       chunk_size: sequence positions per chunk; L need not be a multiple (padded inside).
+        With `loss_mask` it is also the granularity at which chunks are skipped.
       vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks); need
         not divide V. None = whole vocabulary at once, which keeps a float32 [D, V]
         gradient accumulator (and, if unembed is sharded over vocab, avoids slicing it).
     Returns:
-      [B, L] float32, same alignment as `token_logps` (entry 0 = 0).
+      [B, L] float32, same alignment as `token_logps` (entry 0 = 0); with `loss_mask`, 0
+      wherever loss_mask = 0.
     """
     fn = "token_logps_from_features"
     if hidden.ndim < 2 or unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[0]:
@@ -208,6 +251,11 @@ def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_
             f"{tuple(hidden.shape)} and unembed {tuple(unembed.shape)}"
         )
     _check_tokens(tokens, hidden.shape[:-1], fn, f"hidden {tuple(hidden.shape)}")
+    if loss_mask is not None and tuple(loss_mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"logprobs.{fn}: loss_mask shape {tuple(loss_mask.shape)} does not match tokens "
+            f"{tuple(tokens.shape)}"
+        )
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"logprobs.{fn}: {name} must be a positive int, got {value!r}")
@@ -221,15 +269,36 @@ def token_logps_from_features(hidden, unembed, tokens, *, chunk_size=256, vocab_
     c = min(chunk_size, n)
     num_chunks = -(-n // c)
     pad = num_chunks * c - n
-    h = jnp.pad(hidden.reshape(rows, length, width)[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(tokens.reshape(rows, length)[:, 1:], ((0, 0), (0, pad)))
+    h = hidden.reshape(rows, length, width)[:, :-1]
+    targets = tokens.reshape(rows, length)[:, 1:]
+    live = None
+    if loss_mask is None:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    else:
+        scored = loss_mask.reshape(rows, length)[:, 1:] != 0  # [B, L-1]: predicts a scored one
+        # A stable sort on "unscored" puts each row's scored positions first, in order.
+        order = jnp.argsort((~scored).astype(jnp.int32), axis=-1, stable=True)
+        # The padding slots gather position 0 (any would do): they lie past every row's
+        # count of scored positions, so nothing reads them.
+        gather = jnp.pad(order, ((0, 0), (0, pad)))
+        h = jnp.take_along_axis(h, gather[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, gather, axis=1)
+        live = -(-scored.sum(-1).max() // c)  # leading chunks holding a scored position
     # Chunk axis first, rows kept inside each chunk so a batch sharding survives the loop.
     h = h.reshape(rows, num_chunks, c, width).swapaxes(0, 1)
     targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
 
     vc = vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
-    logps = _chunked_logps(h, unembed, targets, vc)  # [C, rows, c]
+    logps = _chunked_logps(h, unembed, targets, live, vc)  # [C, rows, c]
     logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)[:, :n]
+    if loss_mask is not None:  # back to sequence order; unscored entries are 0
+        logps = (
+            jnp.zeros_like(logps)
+            .at[jnp.arange(rows)[:, None], order]
+            .set(logps, unique_indices=True)
+        )
+        logps = jnp.where(scored, logps, 0.0)
     return _shift_right(logps).reshape(tokens.shape)
 
 

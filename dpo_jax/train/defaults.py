@@ -41,6 +41,9 @@ def scoring_config(c: ml_collections.ConfigDict) -> None:
     c.memory_efficient_logps = False  # log-probs from hidden states, no [B, L, V] buffer
     c.logps_chunk_size = 256  # memory-efficient path: sequence positions per chunk
     c.logps_vocab_chunk_size = 8192  # memory-efficient path: vocab block (0 = whole vocab)
+    # Memory-efficient path, preference pairs: the [D, V] head only at positions whose next
+    # token is scored (responses), chunks holding none skipped; exact. (SFT ignores it.)
+    c.logps_scored_only = True
 
 
 def base_config() -> ml_collections.ConfigDict:

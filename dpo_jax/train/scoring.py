@@ -30,20 +30,26 @@ class ScoringOptions:
     vocab_chunk_size: vocabulary columns per block of the memory-efficient path (None =
       the whole vocabulary at once, which needs float32 `[D, V]` buffers in the backward
       pass; see experiments/logprobs_memory for the measured difference).
+    scored_only: the memory-efficient path runs the `[D, V]` head and log-softmax only at
+      positions whose next token is scored (`loss_mask`), skipping chunks of `chunk_size`
+      positions that hold none (see `logprobs.token_logps_from_features`). Exact; the
+      per-token log-probs it gives are 0 at unscored entries, which no loss reads.
     """
 
     memory_efficient: bool = False
     chunk_size: int = 256
     vocab_chunk_size: int | None = 8192
+    scored_only: bool = True
 
     @classmethod
     def from_config(cls, stage_config) -> ScoringOptions:
         """From a stage config's `memory_efficient_logps`, `logps_chunk_size`,
-        `logps_vocab_chunk_size` (0 = the whole vocabulary)."""
+        `logps_vocab_chunk_size` (0 = the whole vocabulary), `logps_scored_only`."""
         return cls(
             memory_efficient=bool(stage_config.memory_efficient_logps),
             chunk_size=int(stage_config.logps_chunk_size),
             vocab_chunk_size=int(stage_config.logps_vocab_chunk_size) or None,
+            scored_only=bool(stage_config.logps_scored_only),
         )
 
 
@@ -60,8 +66,12 @@ class Scoring:
     model: Any
     options: ScoringOptions = DEFAULT_SCORING
 
-    def token_logps(self, params, tokens, positions, segment_ids, rngs=None, sum_sq=False):
-        """[N, L] rows -> token log-probs [N, L] float32 (and log sum_v p(v)^2 [N, L])."""
+    def token_logps(
+        self, params, tokens, positions, segment_ids, rngs=None, sum_sq=False, loss_mask=None
+    ):
+        """[N, L] rows -> token log-probs [N, L] float32 (and log sum_v p(v)^2 [N, L]).
+        loss_mask: [N, L] or None; with `options.scored_only` (memory-efficient path) the
+        head runs only where the next token is scored, and entries where it is 0 are 0."""
         variables = {"params": params}
         kwargs = dict(positions=positions, segment_ids=segment_ids)
         if rngs is not None:
@@ -78,6 +88,7 @@ class Scoring:
                 hidden,
                 unembed,
                 tokens,
+                loss_mask=loss_mask if opts.scored_only else None,
                 chunk_size=opts.chunk_size,
                 vocab_chunk_size=opts.vocab_chunk_size,
             )
@@ -102,7 +113,13 @@ class Scoring:
             rows = [batch[f] for f in ROW_FIELDS[:3]]
         else:
             rows = [batch[f].reshape(-1, tokens.shape[-1]) for f in ROW_FIELDS[:3]]
-        token_logps, lss = self.token_logps(params, *rows, rngs=rngs, sum_sq=sum_sq)
+        token_logps, lss = self.token_logps(
+            params,
+            *rows,
+            rngs=rngs,
+            sum_sq=sum_sq,
+            loss_mask=batch["loss_mask"].reshape(rows[0].shape),
+        )
         if packed:
             slots, mask = batch["slot_ids"], batch["loss_mask"]
             return {"logps": logprobs.pair_sums(token_logps, slots, num_pairs, mask)}

@@ -1,0 +1,216 @@
+"""The unembedding only where scored (issue 12, item 3): `token_logps_from_features(...,
+loss_mask=)` and `ScoringOptions.scored_only` against the full paths, values and gradients.
+
+The full paths are the chunked path over every position and the `[N, L, V]` logits path;
+float32, 1e-5, padded and packed batches, policy (gradients) and reference (values), with
+vocabulary blocks that do not divide the vocabulary.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import train_testlib as lib
+
+from dpo_jax import logprobs, losses
+from dpo_jax.train import defaults, scoring, steps
+from dpo_jax.train import state as train_state
+
+D, V = 16, 50
+
+
+def _features(seed, rows, length):
+    """Random float32 hidden [R, L, D], unembed [D, V], tokens [R, L], per-row weights."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(rows, length, D)).astype(np.float32)
+    unembed = (0.7 * rng.normal(size=(D, V))).astype(np.float32)
+    tokens = rng.integers(0, V, size=(rows, length)).astype(np.int32)
+    weights = rng.normal(size=(rows, length)).astype(np.float32)
+    return tuple(map(jnp.asarray, (hidden, unembed, tokens, weights)))
+
+
+def _spans(rows, length, spans):
+    """0/1 loss_mask [R, L] with ones on the given (row, start, stop) spans."""
+    mask = np.zeros((rows, length), np.int32)
+    for row, start, stop in spans:
+        mask[row, start:stop] = 1
+    return jnp.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnames=("scored", "chunk_size", "vocab_chunk_size"))
+def _loss_and_grads(hidden, unembed, tokens, weights, mask, scored, chunk_size, vocab_chunk_size):
+    """A weighted masked sum of token log-probs, its value, the log-probs and d/d(hidden,
+    unembed); the head at every position (scored=False) or only where scored."""
+
+    def loss(hidden, unembed):
+        logps = logprobs.token_logps_from_features(
+            hidden,
+            unembed,
+            tokens,
+            loss_mask=mask if scored else None,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+        return logprobs.masked_sum(logps * weights, mask).sum(), logps
+
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, unembed)
+
+
+# A row scored to its last token, a row scored in two spans (a packed row), a row with
+# nothing scored, a row scored but for its first token: every chunk count from 0 to all.
+SPANS = [(0, 9, 23), (1, 2, 6), (1, 13, 19), (3, 1, 23)]
+
+
+@pytest.mark.parametrize(
+    "chunk_size, vocab_chunk_size",
+    [(4, 7), (5, None), (256, 16), (1, 50)],  # 7 and 16 do not divide V = 50
+)
+def test_scored_only_equals_every_position_values_and_grads(chunk_size, vocab_chunk_size):
+    hidden, unembed, tokens, weights = _features(0, 4, 23)
+    mask = _spans(4, 23, SPANS)
+    args = (hidden, unembed, tokens, weights, mask)
+    sizes = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    (want, want_logps), want_grads = _loss_and_grads(*args, scored=False, **sizes)
+    (got, got_logps), got_grads = _loss_and_grads(*args, scored=True, **sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    scored = np.asarray(mask) != 0
+    np.testing.assert_allclose(np.where(scored, got_logps, 0.0), np.where(scored, want_logps, 0.0),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert np.all(np.asarray(got_logps)[~scored] == 0.0)  # the contract: 0 where unscored
+    lib.assert_trees_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)
+    # Not trivially 0: every position that predicts a scored token gets a hidden gradient.
+    assert np.all(np.abs(np.asarray(got_grads[0])[:, :-1]).sum(-1)[scored[:, 1:]] > 0)
+
+
+def test_head_never_sees_an_unscored_position():
+    """NaN hidden states where no scored token is predicted: the full path's unembed
+    gradient is NaN (NaN * 0 in the head's backward), the scored-only path never reads them.
+
+    Both rows hold 8 scored tokens, 2 chunks of 4: the chunks past them are skipped."""
+    hidden, unembed, tokens, weights = _features(1, 2, 23)
+    mask = _spans(2, 23, [(0, 3, 11), (1, 15, 23)])
+    predicts_scored = np.asarray(mask)[:, 1:] != 0  # position t-1 predicts token t
+    poison = np.pad(~predicts_scored, ((0, 0), (0, 1)), constant_values=True)
+    hidden = jnp.where(poison[..., None], jnp.nan, hidden)
+    args = (hidden, unembed, tokens, weights, mask)
+    sizes = dict(chunk_size=4, vocab_chunk_size=16)
+    (full, _), (_, full_dw) = _loss_and_grads(*args, scored=False, **sizes)
+    assert np.isfinite(full) and np.isnan(np.asarray(full_dw)).any()
+    (got, logps), (dh, dw) = _loss_and_grads(*args, scored=True, **sizes)
+    assert np.isfinite(got) and np.all(np.isfinite(logps)) and np.all(np.isfinite(dw))
+    assert np.all(np.asarray(dh)[poison] == 0.0)
+    clean = jnp.where(poison[..., None], 0.0, hidden)
+    (want, _), (_, want_dw) = _loss_and_grads(clean, *args[1:], scored=False, **sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_scored_gives_zeros_and_zero_grads():
+    hidden, unembed, tokens, weights = _features(2, 3, 9)
+    mask = jnp.zeros((3, 9), jnp.int32)
+    (value, logps), (dh, dw) = _loss_and_grads(
+        hidden, unembed, tokens, weights, mask, scored=True, chunk_size=4, vocab_chunk_size=16
+    )
+    assert float(value) == 0.0 and not np.any(logps) and not np.any(dh) and not np.any(dw)
+
+
+def test_out_of_range_scored_target_is_nan_and_mask_shape_checked():
+    hidden, unembed, tokens, _ = _features(3, 2, 9)
+    mask = _spans(2, 9, [(0, 2, 9), (1, 4, 6)])
+    tokens = tokens.at[0, 5].set(V)  # scored, out of range: NaN as on the full path
+    logps = logprobs.token_logps_from_features(hidden, unembed, tokens, loss_mask=mask)
+    assert np.isnan(logps[0, 5]) and np.isfinite(np.delete(np.asarray(logps[0]), 5)).all()
+    with pytest.raises(ValueError, match=r"loss_mask shape \(2, 8\) does not match tokens"):
+        logprobs.token_logps_from_features(hidden, unembed, tokens, loss_mask=mask[:, :8])
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring and the DPO step on a tiny model (fixtures: tests/train_testlib.py)
+# ------------------------------------------------------------------------------------------
+
+FULL_LOGITS = scoring.ScoringOptions(memory_efficient=False)
+EVERY_POSITION = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=24, scored_only=False)
+SCORED_ONLY = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=24, scored_only=True)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_reference_pair_logps_equal_the_full_paths(model, reference, padded, packed, layout):
+    batch = {"padded": padded, "packed": packed}[layout]
+    score = jax.jit(scoring.pair_logps, static_argnames=("model", "options"))
+    got = score(reference, batch, model=model, options=SCORED_ONLY)
+    for options in (FULL_LOGITS, EVERY_POSITION):
+        np.testing.assert_allclose(got, score(reference, batch, model=model, options=options),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert np.all(np.asarray(got)[:5] < 0) and np.all(np.asarray(got)[5:] == 0)
+
+
+def _adamw_run(model, policy, reference, batches, options, objective):
+    """AdamW steps (clipping 1.0) over `batches`: the final params and the step metrics."""
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    step = jax.jit(steps.make_dpo_step(model=model, tx=tx, objective=objective, scoring=options))
+    state = train_state.state_from_params(policy, tx, jax.random.PRNGKey(0))
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch, reference)
+        metrics.append(m)
+    return state.params, metrics
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_training_with_scored_only_equals_training_without(
+    model, policy, reference, padded, packed, layout
+):
+    """Three AdamW steps from the same params: the switch changes nothing but the cost."""
+    batch = {"padded": padded, "packed": packed}[layout]
+    other = {"padded": lib.padded_batch, "packed": lib.packed_batch}[layout](lib.random_pairs(6, 1))
+    batches = [batch, other, batch]
+    runs = [
+        _adamw_run(model, policy, reference, batches, options, steps.Objective.create())
+        for options in (SCORED_ONLY, EVERY_POSITION)
+    ]
+    (got_params, got_metrics), (want_params, want_metrics) = runs
+    lib.assert_trees_close(got_params, want_params, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_metrics, want_metrics, strict=True):
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The params moved: the comparison is not between two untouched copies.
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), got_params,
+                         policy)  # fmt: skip
+    assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        losses.build("sigmoid", ld_alpha=0.5),  # LD-DPO: policy and reference tokens
+        "unlikelihood",  # reference-free, log(1 - p) of each scored rejected token
+    ],
+    ids=["ld", "unlikelihood"],
+)
+def test_token_level_losses_read_only_scored_entries(model, policy, reference, padded, loss):
+    """Per-token losses get the scattered-back token log-probs (0 where unscored)."""
+    objective = steps.Objective.create(loss, beta=0.1, hparams={"alpha": 0.5} if loss ==
+                                       "unlikelihood" else None)  # fmt: skip
+    ref = None if loss == "unlikelihood" else reference
+    results = []
+    for options in (SCORED_ONLY, FULL_LOGITS):
+        step = jax.jit(
+            steps.make_dpo_step(model=model, tx=lib.SGD, objective=objective, scoring=options)
+        )
+        state = lib.sgd_state(policy)
+        new_state, metrics = step(state, padded, ref)
+        results.append((lib.grads_of(state, new_state), metrics["loss"]))
+    (got_grads, got_loss), (want_grads, want_loss) = results
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    lib.assert_trees_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)
+
+
+def test_config_key_reaches_the_options():
+    config = defaults.base_config()
+    assert scoring.ScoringOptions.from_config(config.dpo).scored_only is True
+    with config.unlocked():
+        config.dpo.logps_scored_only = False
+    assert scoring.ScoringOptions.from_config(config.dpo).scored_only is False
