@@ -6,11 +6,15 @@ list holds every block pair with a visible key and, for plain packing, nothing e
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from dpo_jax import parallel
 from dpo_jax.models import attention
 from dpo_jax.models.blocked_attention import blocked_attention, make_schedule
 
@@ -144,6 +148,25 @@ def test_bfloat16_within_bfloat16_tolerance():
     )
     assert actual[0].dtype == jnp.bfloat16 and actual[1][0].dtype == jnp.bfloat16
     assert_same(actual, expected, seg, {"atol": 5e-2, "rtol": 5e-2})
+
+
+def test_under_a_mesh_runs_per_shard_and_equals_the_unsharded_call():
+    """Rows over "data", heads over "tensor" (2 q heads and 1 kv head per shard): each
+    device builds the work list of its own rows, in the shard_map `jax.set_mesh` selects."""
+    seg, pos, pre = make_rows("shared")
+    q, k, v = qkv(4, 2)
+    blocked = lambda q, k, v, s, p, r: blocked_attention(  # noqa: E731
+        q, k, v, s, p, None, r, block_size=8
+    )
+    expected = outputs_and_grads(lambda q, k, v: blocked(q, k, v, seg, pos, pre), q, k, v, seg)
+
+    mesh = parallel.make_mesh((2, 1, 2), devices=jax.devices()[:4])
+    rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+    q, k, v, *ints = (jax.device_put(x, rows) for x in (q, k, v, seg, pos, pre))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+        assert "shard_map" in str(jax.make_jaxpr(blocked)(q, k, v, *ints))
+        actual = outputs_and_grads(lambda q, k, v: blocked(q, k, v, *ints), q, k, v, seg)
+    assert_same(actual, expected, seg, FLOAT32)
 
 
 def block_pairs(schedule):

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 _NEG_INF = float(np.finfo(np.float32).min)
 
@@ -252,26 +253,10 @@ def _check_shapes(q, k, v, segment_ids, positions, prefix_segment_ids, block_siz
         raise ValueError(f"blocked_attention: block_size must be a positive int, got {block_size}")
 
 
-def blocked_attention(
-    q,
-    k,
-    v,
-    segment_ids,
-    positions,
-    sliding_window=None,
-    prefix_segment_ids=None,
-    *,
-    block_size=128,
-):
-    """Attention over the blocks the mask leaves visible; see the module docstring.
-
-    block_size: tokens per query and per key block (a shorter sequence is one block).
-    L is padded with segment-0 tokens up to a multiple of it; their outputs are cut."""
-    _check_shapes(q, k, v, segment_ids, positions, prefix_segment_ids, block_size)
+def _blocked_local(q, k, v, segment_ids, positions, prefix_segment_ids, sliding_window, block_size):
+    """blocked_attention on whole arrays (one device's shard under a mesh)."""
     B, L, N, H = q.shape
     K = k.shape[2]
-    if prefix_segment_ids is None:
-        prefix_segment_ids = jnp.zeros_like(segment_ids)
     bs = min(block_size, L)
     pad = -L % bs
     nb = (L + pad) // bs
@@ -287,3 +272,46 @@ def blocked_attention(
     k, v = (x.reshape(B, nb, bs, K, H).transpose(0, 1, 3, 2, 4) for x in (k, v))
     out = _attend(q, k, v, masks, schedule, sliding_window, bs)
     return out.transpose(0, 1, 4, 2, 3, 5).reshape(B, nb * bs, N, H)[:, :L]
+
+
+def blocked_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    positions,
+    sliding_window=None,
+    prefix_segment_ids=None,
+    *,
+    block_size=128,
+):
+    """Attention over the blocks the mask leaves visible; see the module docstring.
+
+    block_size: tokens per query and per key block (a shorter sequence is one block).
+    L is padded with segment-0 tokens up to a multiple of it; their outputs are cut.
+
+    Under a mesh (`jax.set_mesh`, as the train steps run) each device runs it on its own
+    rows and heads in a shard_map, batch split as the "act_batch" rule says and heads as
+    "act_heads" (whole GQA groups per shard), length whole: the loops index rows and blocks
+    at run time, which GSPMD could only serve by gathering every row onto every device."""
+    _check_shapes(q, k, v, segment_ids, positions, prefix_segment_ids, block_size)
+    if prefix_segment_ids is None:
+        prefix_segment_ids = jnp.zeros_like(segment_ids)
+    local = functools.partial(_blocked_local, sliding_window=sliding_window, block_size=block_size)
+    args = (q, k, v, segment_ids, positions, prefix_segment_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*args)
+    # The splash kernel's placement rule. Imported here: attention.py registers this kernel.
+    from dpo_jax.models.attention import _mesh_axes
+
+    B, _, N, _ = q.shape
+    batch = _mesh_axes("act_batch", (B,), mesh)
+    heads = _mesh_axes("act_heads", (N, k.shape[2]), mesh)
+    tokens, rows = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(
+        local,
+        in_specs=(tokens, tokens, tokens, rows, rows, rows),
+        out_specs=tokens,
+        check_vma=False,
+    )(*args)
