@@ -89,7 +89,7 @@ class BatchIterator:
         return self._ref_logps[records].reshape(len(positions), 2)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.spec["layout"] == "packed":
+        if self.spec["layout"] in ("packed", "packed_shared"):  # a buffer to pack from
             return self._next_packed()
         pulled_items, slots, batch_size = [], 0, self.spec["batch_size"]
         while slots < batch_size:

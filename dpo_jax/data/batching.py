@@ -9,6 +9,9 @@ Padded preference batch, B pairs (axis P: 0 = chosen, 1 = rejected):
 Packed preference batch, capacity B pairs in R rows of length L:
   tokens, positions, segment_ids, loss_mask, slot_ids: [R, L]; pair_mask: [B];
   optional ref_logps: [B, 2] float32.
+Shared packed batch (prompt sharing, `dpo_jax.data.shared_prompts`): a packed batch in
+  which each pair's prompt is held once, plus prefix_segment_ids: [R, L] (the segment whose
+  earlier tokens a response also attends to; 0 = none).
 SFT batch, B sequences: tokens, positions, segment_ids, loss_mask: [B, L];
   example_mask: [B].
 Unpaired (KTO) batch, B examples: the padded preference layout with side 0 = the example
@@ -441,6 +444,8 @@ def pad_sequences(
 # ----------------------------------------------------------------------------------------
 
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+# Per-token fields of packed batches only: split along R like ROW_FIELDS.
+PACKED_ROW_FIELDS = ("slot_ids", "prefix_segment_ids")
 
 
 def is_packed(batch) -> bool:
@@ -462,7 +467,13 @@ def check_preference_batch(batch) -> None:
     want = "[R, L]" if packed else "[B, 2, L]"
     if (packed and len(shape) != 2) or (not packed and (len(shape) != 3 or shape[1] != 2)):
         raise ValueError(f"preference batch: field 'tokens' has shape {shape}, expected {want}")
-    for f in (*ROW_FIELDS[1:], *(("slot_ids",) if packed else ())):
+    if "prefix_segment_ids" in batch and not packed:
+        raise ValueError(
+            "preference batch: field 'prefix_segment_ids' (prompt sharing) needs the packed "
+            "layout (with 'slot_ids')"
+        )
+    extra = [f for f in PACKED_ROW_FIELDS if f in batch]
+    for f in (*ROW_FIELDS[1:], *extra):
         if tuple(batch[f].shape) != shape:
             raise ValueError(
                 f"preference batch: field {f!r} has shape {tuple(batch[f].shape)}, expected "

@@ -5,7 +5,8 @@
     raised or skipped there with their file and line)
       -> item index stream: shuffle(seed) per epoch, repeat(num_epochs)        (grain)
       -> this process's shard: stream positions shard_index, +shard_count, ...
-      -> batch: padded or packed (layouts: the top of `batching`), fixed B per process
+      -> batch: padded, packed or packed_shared (layouts: the top of `batching`), fixed B
+         per process
 
 Why grain `MapDataset` and not `DataLoader`: every stage is a pure function of the stream
 position, so the iterator state is one integer (the next position) plus the positions of
@@ -27,6 +28,8 @@ epoch makes a partial batch. Packing (`layout="packed"`) fills R rows from a buf
 pairs (first-fit decreasing, `batching.plan_packing`); pairs that do not fit wait in the
 buffer for the next batch. Packed batch counts depend on lengths, so processes may differ
 by a batch at the very end of a finite stream: stop training at a fixed step count.
+Prompt sharing (`layout="packed_shared"`, `shared_prompts`) packs the same way, whole pairs
+(prompt once, both responses) into rows of 2 * max_length tokens, which any pair fits.
 
 Cached reference log-probs: `ref_logps` [N, 2] aligned with the items (item i -> row i)
 ride along: each batch gets `ref_logps` [B, 2] for its pairs (0 for padding pairs), looked
@@ -44,12 +47,13 @@ from typing import Literal
 import grain
 import numpy as np
 
-from dpo_jax.data import batching
+from dpo_jax.data import batching, shared_prompts
 from dpo_jax.data.batch_iterator import EMPTY, BatchIterator, EmptySlot
 from dpo_jax.data.examples import TokenizedPair, TokenizedSequence, TokenizedUnpaired
 
-Layout = Literal["padded", "packed"]
-LAYOUTS = ("padded", "packed")
+Layout = Literal["padded", "packed", "packed_shared"]
+LAYOUTS = ("padded", "packed", "packed_shared")
+PACKED_LAYOUTS = ("packed", "packed_shared")
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,17 +114,20 @@ class IteratorSpec:
     """How to stream and batch: everything that shapes the batches, in one frozen object.
 
     batch_size: B, pairs (sequences) per batch on this process (the capacity when packed).
-    max_length: L (padded: the longest allowed length; packed: the row length).
+    max_length: padded: the longest allowed length L; packed: the row length L;
+      packed_shared: the longest sequence (prompt + one response), rows being 2 max_length.
     pad_id: the padding token (`tokenize.pad_id_of(tokenizer)`).
     seed, shuffle, num_epochs: the stream (num_epochs None = endless).
     shard_index, shard_count: this process's shard; None: jax.process_index() /
       jax.process_count().
-    layout: "padded" or "packed" (see the top of `batching`; SFT: padded only).
+    layout: "padded", "packed" or "packed_shared" (see the top of `batching`; SFT: padded
+      only).
     drop_remainder: drop (True) or pad with pair_mask 0 (False) the last partial batch.
     pad_to_multiple_of, buckets: padded layout: allowed lengths below max_length
       (`batching.allowed_lengths`); default: always L = max_length.
-    num_rows: packed layout: rows R per batch (default B).
-    pack_buffer_size: packed layout: pairs the packer chooses from (default 2 B).
+    num_rows: packed layouts: rows R per batch (default B; packed_shared: ceil(B / 2), the
+      same token slots as packed).
+    pack_buffer_size: packed layouts: pairs the packer chooses from (default 2 B).
     source_name: names the items in errors ("<name>, item <i>").
     """
 
@@ -166,8 +173,13 @@ class IteratorSpec:
             "drop_remainder": bool(self.drop_remainder),
             "pad_id": int(self.pad_id),
         }
-        if self.layout == "packed":
-            num_rows = spec["batch_size"] if self.num_rows is None else int(self.num_rows)
+        if self.layout in PACKED_LAYOUTS:
+            num_rows = spec["batch_size"]
+            if self.layout == "packed_shared":
+                num_rows = -(-num_rows // 2)
+            num_rows = num_rows if self.num_rows is None else int(self.num_rows)
+            if num_rows < 1:
+                raise ValueError(f"num_rows must be >= 1, got {num_rows}")
             buffer = self.pack_buffer_size
             buffer = 2 * spec["batch_size"] if buffer is None else int(buffer)
             if buffer < 1:
@@ -203,6 +215,18 @@ def make_preference_iterator(
             plan = batching.plan_packing(items, num_rows=R, row_length=L, max_pairs=B)
             batch = batching.packed_batch(
                 items, plan, row_length=L, max_pairs=B, pad_id=pad_id, ref_logps=ref
+            )
+            return batch, plan.leftover
+
+    elif spec.layout == "packed_shared":
+        R, row_length = state_spec["num_rows"], 2 * L
+
+        def batch_fn(items, ref):
+            plan = shared_prompts.plan_shared_packing(
+                items, num_rows=R, row_length=row_length, max_pairs=B
+            )
+            batch = shared_prompts.shared_batch(
+                items, plan, row_length=row_length, max_pairs=B, pad_id=pad_id, ref_logps=ref
             )
             return batch, plan.leftover
 

@@ -88,7 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.truncation_mode = "keep_start"  # prompt truncation: keep_start | keep_end (HH)
     c.data.max_length = 512  # prompt + response tokens
     c.data.max_prompt_length = 256  # prompt tokens kept when a pair is too long
-    c.data.layout = "padded"  # padded [B, 2, L] | packed [R, L] rows of several pairs
+    # padded [B, 2, L] | packed [R, L] rows of several pairs | packed_shared: rows of 2 L
+    # holding whole pairs, each prompt once (prompt sharing; same values, fewer tokens)
+    c.data.layout = "padded"
     c.data.pad_to_multiple_of = 64  # padded layout: L rounded up to this (few jit shapes)
     c.data.on_bad_record = "raise"  # raise (name file, line, field) | skip (and count)
     c.data.num_epochs = 0  # 0 = repeat forever; steps end the stage

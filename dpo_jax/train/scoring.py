@@ -4,7 +4,8 @@ Batches follow the schema of `dpo_jax.data.batching` (padded `[B, 2, L]` or pack
 `[R, L]`). Either way the model sees ONE forward over all sequences: padded `[B, 2, L]` is
 viewed as `[2B, L]` (row 2b + side, so a pair's two rows stay on the same batch shard);
 packed rows are used as they are and `slot_ids` map tokens to pair slots
-(`logprobs.pair_sums`). The same code scores the policy (with gradients), the frozen
+(`logprobs.pair_sums`); shared packed rows (prompt sharing) also pass their
+`prefix_segment_ids` to the model. The same code scores the policy (with gradients), the frozen
 reference, and any params a caller wants to rank pairs with (`pair_logps`).
 """
 
@@ -60,20 +61,32 @@ DEFAULT_SCORING = ScoringOptions()
 class Scoring:
     """A model bound to its `ScoringOptions` (static).
 
-    model: linen module, `model.apply({"params": p}, tokens, positions=, segment_ids=)`.
+    model: linen module, `model.apply({"params": p}, tokens, positions=, segment_ids=)`
+      (and `prefix_segment_ids=` for shared packed batches).
     """
 
     model: Any
     options: ScoringOptions = DEFAULT_SCORING
 
     def token_logps(
-        self, params, tokens, positions, segment_ids, rngs=None, sum_sq=False, loss_mask=None
+        self,
+        params,
+        tokens,
+        positions,
+        segment_ids,
+        rngs=None,
+        sum_sq=False,
+        prefix_segment_ids=None,
+        loss_mask=None,
     ):
         """[N, L] rows -> token log-probs [N, L] float32 (and log sum_v p(v)^2 [N, L]).
+        prefix_segment_ids: [N, L] of a shared packed batch, or None.
         loss_mask: [N, L] or None; with `options.scored_only` (memory-efficient path) the
         head runs only where the next token is scored, and entries where it is 0 are 0."""
         variables = {"params": params}
         kwargs = dict(positions=positions, segment_ids=segment_ids)
+        if prefix_segment_ids is not None:  # only then: models without sharing keep working
+            kwargs["prefix_segment_ids"] = prefix_segment_ids
         if rngs is not None:
             kwargs["rngs"] = rngs
         opts = self.options
@@ -118,6 +131,7 @@ class Scoring:
             *rows,
             rngs=rngs,
             sum_sq=sum_sq,
+            prefix_segment_ids=batch.get("prefix_segment_ids") if packed else None,
             loss_mask=batch["loss_mask"].reshape(rows[0].shape),
         )
         if packed:

@@ -51,7 +51,13 @@ import optax
 from jax import lax
 
 from dpo_jax import losses
-from dpo_jax.data.batching import ROW_FIELDS, check_preference_batch, check_sft_batch, is_packed
+from dpo_jax.data.batching import (
+    PACKED_ROW_FIELDS,
+    ROW_FIELDS,
+    check_preference_batch,
+    check_sft_batch,
+    is_packed,
+)
 from dpo_jax.losses.core import REF_TOKEN_FIELDS, SUM_SQ_FIELDS, TOKEN_FIELDS
 from dpo_jax.models import lora as lora_lib
 from dpo_jax.models.lora import LoraConfig
@@ -243,7 +249,7 @@ def split_micro_batches(batch: Batch, accum_steps: int, packed: bool) -> tuple[d
     Padded: every field is split along B. Packed: row fields along R; `pair_mask` and
     `ref_logps` ([B] pair slots, shared by all rows) stay whole.
     """
-    split_fields = (*ROW_FIELDS, "slot_ids") if packed else tuple(batch)
+    split_fields = (*ROW_FIELDS, *PACKED_ROW_FIELDS) if packed else tuple(batch)
     lead_name = "R (rows)" if packed else "B (pairs)"
     micro, whole = {}, {}
     for name, x in batch.items():

@@ -20,8 +20,11 @@ padding and the cross-segment blocks of packed rows count as waste, not as work.
     SFT step:  sum over its sequences of train(T)
 
 A sequence is prompt + one response, so a prompt computed once per response is counted
-once per response: it is work the step does. `dpo_jax.plan.model_flops` counts the same
-per token on full padded shapes (what a roofline needs).
+once per response: it is work the step does. With prompt sharing (batches with
+`prefix_segment_ids`) a response segment counts as the sequence prefix + response, and a
+prefix read by k responses is taken off k - 1 times: the prompt counts once, as computed.
+`dpo_jax.plan.model_flops` counts the same per token on full padded shapes (what a
+roofline needs).
 
 MFU = model FLOPs / step time / peak. Peaks: the dense bfloat16 peak of known
 accelerators (table below, whatever the compute dtype, as MFU is usually quoted), else a
@@ -69,6 +72,24 @@ def train_flops(config: ModelConfig, lengths) -> float:
     return float(np.sum(per_token * unique * counts))
 
 
+def shared_train_flops(config: ModelConfig, segment_ids, prefix_segment_ids) -> float:
+    """`train_flops` of a shared packed batch (`dpo_jax.data.shared_prompts`), [R, L] each:
+    every segment that no other names as its prefix is a sequence, extended by the prefix
+    segment it names; each prefix segment read by k of them is subtracted k - 1 times."""
+    seg, prefix = np.asarray(segment_ids), np.asarray(prefix_segment_ids)
+    sequences, shared = [], []
+    for row_seg, row_prefix in zip(seg, prefix, strict=True):
+        ids, first, counts = np.unique(row_seg, return_index=True, return_counts=True)
+        length = {int(s): int(n) for s, n in zip(ids, counts, strict=True) if s}
+        reads = {int(s): int(row_prefix[i]) for s, i in zip(ids, first, strict=True) if s}
+        readers = np.bincount([p for p in reads.values() if p], minlength=1)
+        for s, p in reads.items():
+            if s >= readers.size or not readers[s]:
+                sequences.append(length[s] + (length[p] if p else 0))
+        shared += [length[p] for p in np.flatnonzero(readers) for _ in range(readers[p] - 1)]
+    return train_flops(config, sequences) - train_flops(config, shared)
+
+
 def step_flops(config: ModelConfig, batch, *, stage: str, reference_forward: bool) -> float:
     """Model FLOPs of one step on `batch` (numpy, any layout of `dpo_jax.data.batching`).
 
@@ -80,7 +101,10 @@ def step_flops(config: ModelConfig, batch, *, stage: str, reference_forward: boo
         examples = train_flops(config, sequence_lengths(seg[:, 0]))
         kl = train_flops(config, sequence_lengths(seg[:, 1])) / 3
         return examples + kl + (examples + 3 * kl) / 3 * reference_forward
-    policy = train_flops(config, sequence_lengths(seg))
+    if "prefix_segment_ids" in batch:
+        policy = shared_train_flops(config, seg, batch["prefix_segment_ids"])
+    else:
+        policy = train_flops(config, sequence_lengths(seg))
     return policy * (1 + reference_forward / 3) if stage == "dpo" else policy
 
 

@@ -32,7 +32,7 @@ from dpo_jax.train.unpaired import UnpairedObjective
 STAGES = ("sft", "dpo", "rm", "ppo")
 REFERENCE_MODES = ("params", "cached", "none")
 INIT_FROM = ("sft", "model")
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_shared")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -195,10 +195,10 @@ def _check_dpo(c: _Checker) -> None:
             f"config.dpo.reference='cached': loss {loss.name!r} needs per-token reference "
             "log-probs; cached per-pair sums are not enough (use 'params')"
         )
-    if objective.per_token and config.data.layout == "packed":
+    if objective.per_token and config.data.layout != "padded":
         c.problems.append(
-            f"config.data.layout='packed': loss {loss.name!r} needs per-token log-probs, "
-            "which only the padded layout gives"
+            f"config.data.layout={config.data.layout!r}: loss {loss.name!r} needs per-token "
+            "log-probs, which only the padded layout gives"
         )
     if objective.sum_sq and dpo.memory_efficient_logps:
         c.problems.append(
@@ -277,10 +277,17 @@ def _check_data(c: _Checker) -> None:
         ),
     )
     c.require("data.layout", lambda v: v in LAYOUTS, f"expected one of {LAYOUTS}")
-    if data.layout == "packed" and c.config.parallel.mode == "pmap":
+    if data.layout != "padded" and c.config.parallel.mode == "pmap":
         # Packed rows number their pairs for the whole batch; splitting them over pmap
         # devices would orphan pairs. Packing shards cleanly under "jit".
-        c.problems.append("config.data.layout='packed' needs config.parallel.mode='jit'")
+        c.problems.append(f"config.data.layout={data.layout!r} needs config.parallel.mode='jit'")
+    if data.layout == "packed_shared" and c.config.model.attention == "splash":
+        # Splash masks by equal segment ids; a response reading its prompt's segment is not
+        # expressible there.
+        c.problems.append(
+            "config.data.layout='packed_shared' (prompt sharing) cannot run with "
+            "config.model.attention='splash'; use 'xla' or 'dot_product'"
+        )
     c.call("data.on_bad_record", lambda: check_on_bad_record(data.on_bad_record))
     c.require("data.eval_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
     c.require("data.pad_to_multiple_of", lambda v: v >= 0, "must be >= 0 (0 = off)")
