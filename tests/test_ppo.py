@@ -123,6 +123,20 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(ppo_run, tmp_path):
     assert kept == list(range(1, PPO_STEPS + 1))  # no iteration logged twice
 
 
+@pytest.mark.slow
+def test_sft_then_reward_model_then_ppo_against_it(tmp_path):
+    """configs/ppo.py:tiny_learned, shortened: the PPO stage scores its rollouts with the
+    reward model the run just trained, and the run returns the policy (not the reward model)."""
+    config = _with(load_config("ppo", "tiny_learned"), sft__steps=2, rm__steps=2, ppo__steps=2)
+    params = loop.run(config, str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if r["stage"] == "ppo"] == [1, 2]
+    assert any(r["stage"] == "rm" for r in records)
+    scores = [r["score"] for r in records if r["stage"] == "ppo"]
+    assert all(np.isfinite(scores)) and len(set(scores)) == 2  # a learned, varying reward
+    assert "lm_head" in params and "score" not in params
+
+
 def test_scoring_matches_the_samplers_log_probs():
     """The jitted scoring's policy log-probs of the sampled tokens equal the sampler's
     `model_logps` (1e-5), prompts of different lengths; with reference = policy the KL and

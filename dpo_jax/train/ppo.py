@@ -247,12 +247,14 @@ class PPOStage:
             "rejected_steps": 0,
         }
         restored = self.checkpointer.restore_latest(self.devices.checkpoint_target(state))
+        step = 0
         if restored is not None:
             step, state, progress = restored
             self.skipped["nonfinite"] = progress["nonfinite_steps"]
             self.skipped["rejected"] = progress["rejected_steps"]
-            self.writer.drop_after("ppo", step)
             log.info("ppo: resumed from iteration %d of %d.", step, self.total)
+        # Iterations logged after the checkpoint (or before the first) are logged again.
+        self.writer.drop_after("ppo", step)
         return state, progress
 
     # --- the loop ----------------------------------------------------------------------
