@@ -10,7 +10,9 @@ AdamW, global-norm clipping at 1.0. The systems:
   ours   padded  params   `make_dpo_step` jitted, padded [B, 2, L] batches of the training
   ours   padded  cached     pipeline (`dpo_jax.data.pipeline`, L a multiple of 64), the
   ours   packed  params     reference as frozen params or as cached log-prob sums (scored
-  ours   packed  cached     once, `scoring.pair_logps`); packed: R rows of 768 tokens
+  ours   packed  cached     once, `scoring.pair_logps`); packed: R rows of 768 tokens;
+  ours   packed_shared ...  packed_shared (prompt sharing): rows of 2 x 384 tokens, each
+                            holding whole pairs, the prompt once (`data.shared_prompts`)
   trl    padded  params   `trl.DPOTrainer` defaults (a reference model in the step)
   trl    padded  cached   `precompute_ref_log_probs=True`
 
@@ -69,13 +71,16 @@ class Workload:
     pad_to_multiple_of: int = 64  # padded layout: the training default (config.data)
     pack_rows: int = 5  # packed layout: R rows of pack_row_length per step
     pack_row_length: int = 768
+    # packed_shared layout: R rows of 2 * max_length; 4 rows hold 7.9 pairs per step on
+    # average on this workload (packed: 5 rows of 768), as every pair needs fewer tokens.
+    shared_rows: int = 4
     memory_efficient: bool = True  # chunked log-probs from hidden states (no [N, L, V])
 
 
 @dataclasses.dataclass(frozen=True)
 class System:
     framework: str  # "ours" | "trl"
-    layout: str  # "padded" | "packed"
+    layout: str  # "padded" | "packed" | "packed_shared"
     reference: str  # "params" (a reference forward in each step) | "cached"
 
     @property
@@ -83,8 +88,9 @@ class System:
         return f"{self.framework} {self.layout} {self.reference}"
 
 
+OUR_LAYOUTS = ("padded", "packed", "packed_shared")
 SYSTEMS = tuple(
-    [System("ours", layout, ref) for layout in ("padded", "packed") for ref in ("params", "cached")]
+    [System("ours", layout, ref) for layout in OUR_LAYOUTS for ref in ("params", "cached")]
     + [System("trl", "padded", "params"), System("trl", "padded", "cached")]
 )
 
@@ -207,17 +213,18 @@ class Ours:
                 ref_logps[i : i + B] = np.asarray(scored)[: len(chunk)]
             self.reference = None
         packed = system.layout == "packed"
+        num_rows = {"packed": w.pack_rows, "packed_shared": w.shared_rows}.get(system.layout)
         spec = IteratorSpec(
             batch_size=w.pairs_per_step,
-            max_length=w.pack_row_length if packed else w.max_length,
+            max_length=w.pack_row_length if packed else w.max_length,  # shared: rows of 2x
             pad_id=PAD,
             shuffle=False,
             num_epochs=None,
             shard_index=0,
             shard_count=1,
             layout=system.layout,
-            pad_to_multiple_of=None if packed else w.pad_to_multiple_of,
-            num_rows=w.pack_rows if packed else None,
+            pad_to_multiple_of=w.pad_to_multiple_of if system.layout == "padded" else None,
+            num_rows=num_rows,
         )
         iterator = make_preference_iterator(tokenized, spec, ref_logps=ref_logps)
         host = [next(iterator) for _ in range(steps)]
@@ -227,6 +234,7 @@ class Ours:
             {
                 "pairs": int(b["pair_mask"].sum()),
                 "tokens": int(np.count_nonzero(b["segment_ids"])),
+                "pair_tokens": pair_tokens(b),
                 "slots": int(b["segment_ids"].size),
                 "flops": step_flops(
                     config, b, stage="dpo", reference_forward=system.reference == "params"
@@ -275,6 +283,21 @@ class Ours:
 
     def info(self) -> dict:
         return {"setup_s": self.load_s, "compile_s": self.compile_s, "shapes": len(self.compiled)}
+
+
+def pair_tokens(batch) -> int:
+    """Tokens of a batch's pairs as separate sequences (prompt + chosen, prompt + rejected):
+    its real tokens, plus, with prompt sharing, each shared prompt once more per response
+    beyond the first that reads it (T - 1 tokens per pair: the shared segment's length)."""
+    seg = batch["segment_ids"]
+    n = int(np.count_nonzero(seg))
+    if "prefix_segment_ids" in batch:
+        for row_seg, row_prefix in zip(seg, batch["prefix_segment_ids"], strict=True):
+            readers = np.unique(row_seg[row_prefix != 0])  # responses that read a prompt
+            prompts = np.array([row_prefix[row_seg == s][0] for s in readers], np.int64)
+            for prompt, count in zip(*np.unique(prompts, return_counts=True), strict=True):
+                n += (int(count) - 1) * int(np.count_nonzero(row_seg == prompt))
+    return n
 
 
 def _pad(tokenized, w: Workload, batch_size: int):
@@ -497,11 +520,13 @@ def summarize(steps: list[list[dict]], peak: float, pair_tokens: list[float]) ->
     """Rates of one system from its rounds' timed steps (medians over rounds of each
     round's totals).
 
-    pairs_per_s: per round, tokens/s / pair_tokens[round], the mean real tokens of the
-    pairs that round's batches of the stream hold (those TRL and the padded layout
+    pairs_per_s: per round, pair tokens/s / pair_tokens[round], the mean real tokens of
+    the pairs that round's batches of the stream hold (those TRL and the padded layout
     process): the packer takes the largest pairs of its buffer first, so over a few steps
     its pairs are larger than the stream's mean (measured_pairs_per_s counts them as they
     come). Equal to the measured rate for systems that process exactly those pairs.
+    Pair tokens count each pair as its two sequences (a step's "pair_tokens", default its
+    "tokens"), so a shared prompt counts twice there, once in tokens_per_s.
     """
 
     def per_round(f):
@@ -513,18 +538,23 @@ def summarize(steps: list[list[dict]], peak: float, pair_tokens: list[float]) ->
     def whole(k):
         return sum(total(r, k) for r in steps)
 
+    def pair_total(r):
+        return sum(s.get("pair_tokens", s["tokens"]) for s in r)
+
     tokens_per_s = [total(r, "tokens") / total(r, "seconds") for r in steps]
+    pair_tokens_per_s = [pair_total(r) / total(r, "seconds") for r in steps]
     flops_per_s = per_round(lambda r: total(r, "flops") / total(r, "seconds"))
+    flops_per_pair_token = sum(total(r, "flops") for r in steps) / sum(map(pair_total, steps))
     return {
-        "pairs_per_s": statistics.median(np.divide(tokens_per_s, pair_tokens)),
+        "pairs_per_s": statistics.median(np.divide(pair_tokens_per_s, pair_tokens)),
         "measured_pairs_per_s": per_round(lambda r: total(r, "pairs") / total(r, "seconds")),
         "tokens_per_s": statistics.median(tokens_per_s),
         "step_s": statistics.median(s["seconds"] for r in steps for s in r),
         "padding_fraction": 1 - whole("tokens") / whole("slots"),
-        "gflop_per_pair": whole("flops") / whole("tokens") * np.mean(pair_tokens) / 1e9,
+        "gflop_per_pair": flops_per_pair_token * np.mean(pair_tokens) / 1e9,
         "gflop_per_s": flops_per_s / 1e9,
         "mfu": flops_per_s / peak,
-        "per_round_pairs_per_s": np.divide(tokens_per_s, pair_tokens).tolist(),
+        "per_round_pairs_per_s": np.divide(pair_tokens_per_s, pair_tokens).tolist(),
     }
 
 
@@ -660,7 +690,8 @@ def _print_report(args, w, rows, peaks, n_params, wall):
         f"U{list(w.response_lengths)}, {w.pairs_per_step} pairs/step, max_length "
         f"{w.max_length}; sigmoid beta {w.beta}, AdamW lr {w.learning_rate}, clip 1.0; "
         f"ours: padded L multiple of {w.pad_to_multiple_of}, packed {w.pack_rows} x "
-        f"{w.pack_row_length}, memory_efficient log-probs {w.memory_efficient}"
+        f"{w.pack_row_length}, packed_shared {w.shared_rows} x {2 * w.max_length}, "
+        f"memory_efficient log-probs {w.memory_efficient}"
     )
     print(
         f"timing: 1 warm-up step, then {args.rounds} rounds x {args.steps} timed step(s), "

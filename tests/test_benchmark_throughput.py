@@ -63,14 +63,37 @@ def test_ours_runs_both_layouts_and_counts_what_trl_would(bench, tiny):
         assert (ours["pairs"], ours["tokens"]) == (trl["pairs"], trl["tokens"])
         assert ours["flops"] == pytest.approx(trl["flops"], rel=1e-12)
     packed = bench.Ours(bench.System("ours", "packed", "cached"), workload, model_dir, pairs, steps)
-    for impl in (padded, packed):
+    shared = bench.Ours(
+        bench.System("ours", "packed_shared", "params"), workload, model_dir, pairs, steps
+    )
+    for impl in (padded, packed, shared):
         out = impl.run(1, 2)
         assert len(out) == 2 and all(s["seconds"] > 0 and s["pairs"] >= 1 for s in out)
         assert all(s["tokens"] <= s["slots"] for s in out)
         assert impl.info()["compile_s"] > 0
+    # Shared prompts: fewer tokens and FLOPs than the pairs' separate sequences.
+    for count in shared.counts:
+        assert count["tokens"] < count["pair_tokens"]
+    assert sum(c["flops"] for c in shared.counts) / sum(c["pair_tokens"] for c in shared.counts) < (
+        sum(c["flops"] for c in padded.counts) / sum(c["tokens"] for c in padded.counts)
+    )
     # Cached reference: no reference forward in the step, so 3/4 of the FLOPs per token.
     cached = bench.step_counts(model_dir, workload, pairs, steps, "cached")
     assert cached[0]["flops"] == pytest.approx(expected[0]["flops"] * 3 / 4)
+
+
+def test_pair_tokens_count_each_sequence(bench, tiny):
+    """A shared batch's pair tokens are the real tokens of the same pairs padded."""
+    from dpo_jax.data import batching, shared_prompts
+    from dpo_jax.data.examples import TokenizedPair
+
+    pairs = [TokenizedPair(*p) for p in tiny[3]]
+    plan = shared_prompts.plan_shared_packing(pairs, num_rows=13, row_length=28, max_pairs=13)
+    batch = shared_prompts.shared_batch(pairs, plan, row_length=28, max_pairs=13)
+    padded = batching.pad_pairs(pairs, max_length=14)
+    assert bench.pair_tokens(batch) == np.count_nonzero(padded["segment_ids"])
+    assert bench.pair_tokens(padded) == np.count_nonzero(padded["segment_ids"])
+    assert np.count_nonzero(batch["segment_ids"]) < bench.pair_tokens(batch)
 
 
 def test_summary_and_table(bench):
@@ -93,6 +116,12 @@ def test_summary_and_table(bench):
     ]  # fmt: skip
     text = bench.table(rows)
     assert "| ours | packed | cached | 2.000 |" in text and "| 4.00x | - |" in text
+    # Pair tokens (a shared prompt counted with each response) set the pairs/s.
+    shared = [[{**step(1.0), "pair_tokens": 45}, {**step(1.0), "pair_tokens": 45}]] * 3
+    s_shared = bench.summarize(shared, peak=2e9, pair_tokens=[15.0] * 3)
+    assert s_shared["pairs_per_s"] == pytest.approx(3.0)  # 90 pair tokens / 2 s / 15
+    assert s_shared["tokens_per_s"] == pytest.approx(30.0)
+    assert s_shared["gflop_per_pair"] == pytest.approx(2e9 / 90 * 15 / 1e9)
     args = bench.parse_args(["--quick", "--dtype=bfloat16"])
     assert (args.rounds, args.steps, args.dtype) == (1, 1, "bfloat16")
     assert dataclasses.asdict(bench.Workload())["vocab"] == 32000  # issue 12's workload

@@ -7,7 +7,8 @@ responses; exactly the unshared computation.
 - per-pair log-probs, the DPO loss and its gradients of shared batches equal those of
   padded batches (float32, 1e-5), policy and reference, frozen-params and cached reference,
   every model family (Mistral's window and GPT-2's learned positions included);
-- a few training steps on shared batches equal the same steps on packed batches;
+- a few training steps on shared batches equal the same steps on packed batches, and a
+  whole run with the switch reproduces the cached reference sums at its first step;
 - the config switch, its refusals, and the FLOP count with the prompt counted once.
 """
 
@@ -21,12 +22,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_loop import load_config, read_metrics
 from test_validate import _problems, _tiny
 
 from dpo_jax.data import batching, pipeline, shared_prompts
 from dpo_jax.data.examples import TokenizedPair
 from dpo_jax.models import DecoderLM, ModelConfig, attention
-from dpo_jax.train import throughput
+from dpo_jax.train import inputs, loop, throughput
 from dpo_jax.train.optimizers import make_optimizer
 from dpo_jax.train.scoring import Scoring, pair_logps
 from dpo_jax.train.state import state_from_params
@@ -318,6 +320,10 @@ def test_pipeline_and_config_switch():
     assert "config.data.layout='packed_shared'" in message and "splash" in message
     message = _problems(_tiny(**{"data.layout": "packed_shared", "parallel.mode": "pmap"}))
     assert "needs config.parallel.mode='jit'" in message
+    # Rows: ceil(B / 2), rounded up to what splits them (8 fake devices here).
+    assert inputs.shared_rows(_tiny(), 8) == 8 and inputs.shared_rows(_tiny(), 40) == 24
+    one_device = _tiny(**{"parallel.mesh_shape": (1, 1, -1), "dpo.accum_steps": 3})
+    assert inputs.shared_rows(one_device, 10) == 6 and inputs.shared_rows(one_device, 1) == 3
     message = _problems(_tiny(**{"data.layout": "packed_shared", "dpo.loss.name": "unlikelihood"}))
     assert "needs per-token log-probs, which only the padded layout gives" in message
 
@@ -339,3 +345,23 @@ def test_flops_count_the_prompt_once():
     unshared = throughput.step_flops(config, packed(pairs, 8, 20), stage="dpo",
                                      reference_forward=True)  # fmt: skip
     assert got < unshared
+
+
+@pytest.mark.slow
+def test_training_run_with_the_switch(tmp_path):
+    """The whole run (pipeline, 8 fake devices, cached reference scored on padded batches,
+    padded held-out evaluation) with config.data.layout='packed_shared': at the first step
+    the policy is the reference, so the shared forward must reproduce the cached sums
+    exactly: loss log 2 and zero rewards."""
+    config = load_config("dpo")
+    with config.unlocked():
+        config.data.layout = "packed_shared"
+        config.dpo.reference = "cached"
+        config.dpo.steps = 2
+    loop.run(config, str(tmp_path))
+    train = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert train[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert train[0]["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert train[1]["loss"] != pytest.approx(np.log(2), abs=1e-6)  # it trains

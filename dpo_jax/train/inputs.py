@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import ml_collections
@@ -32,7 +33,7 @@ from dpo_jax.data.tokenize import (
     pad_id_of,
     tokenize_examples,
 )
-from dpo_jax.train.validate import unpaired
+from dpo_jax.train.validate import batch_shards, unpaired
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def train_iterator(
     """The endless, shuffled, process-sharded batch iterator of a stage ("sft" or "dpo").
 
     ref_logps: dpo only, optional cached reference sums [len(splits.pairs), 2]."""
+    shared = stage != "sft" and config.data.layout == "packed_shared"
     spec = iterator_spec(
         splits,
         config,
@@ -264,12 +266,22 @@ def train_iterator(
         num_epochs=config.data.num_epochs or None,
         source_name=f"{stage} training data",
         **({} if stage == "sft" else {"layout": config.data.layout}),
+        **({"num_rows": shared_rows(config, batch_size)} if shared else {}),
     )
     if stage == "sft":
         return pipeline.make_sft_iterator(splits.sequences, spec)
     if splits.unpaired:
         return pipeline.make_unpaired_iterator(splits.pairs, spec)
     return pipeline.make_preference_iterator(splits.pairs, spec, ref_logps=ref_logps)
+
+
+def shared_rows(config, local_batch: int) -> int:
+    """Rows R of this process's packed_shared batches (rows of 2 x max_length): ceil(B / 2),
+    the token slots of the packed layout, rounded up to a multiple of what splits the rows:
+    this process's batch shards and the micro-batches (`config.dpo.accum_steps`)."""
+    multiple = math.lcm(batch_shards(config), int(config.dpo.accum_steps))
+    rows = -(-local_batch // 2)
+    return -(-rows // multiple) * multiple
 
 
 def eval_iterator(splits: Splits, config, *, batch_size: int, ref_logps=None):
