@@ -204,6 +204,7 @@ class Plan:
     output_bytes: int
     alias_bytes: int  # outputs written into donated inputs (the state)
     temp_bytes: int  # XLA: activations, gradients, all other buffers of the step
+    host_temp_bytes: int  # XLA: buffers in host memory (offloaded remat residuals)
     code_bytes: int
     hbm_bytes: int
     model_flops: float  # per device
@@ -375,13 +376,15 @@ def compile_step(
     out = _compile(config, stage, topology, shape, cfg, accum_steps)
     if out.compiled is None:  # out of HBM: no program to analyse, XLA's sizes instead
         total, arguments = out.oom
-        memory = dict(argument=arguments, output=0, alias=0, temp=total - arguments, code=0)
+        memory = dict(argument=arguments, output=0, alias=0, temp=total - arguments, code=0,
+                      host_temp=0)  # fmt: skip
         flops = bytes_accessed = math.nan
     else:
         m = out.compiled.memory_analysis()
         memory = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                       alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
-                      code=m.generated_code_size_in_bytes)  # fmt: skip
+                      code=m.generated_code_size_in_bytes,
+                      host_temp=m.host_temp_size_in_bytes)  # fmt: skip
         if cfg.scan_layers:
             flops, bytes_accessed = _scanned_cost(config, stage, topology, shape, cfg,
                                                   accum_steps)  # fmt: skip
@@ -403,6 +406,7 @@ def compile_step(
         output_bytes=memory["output"],
         alias_bytes=memory["alias"],
         temp_bytes=memory["temp"],
+        host_temp_bytes=memory["host_temp"],
         code_bytes=memory["code"],
         hbm_bytes=topology.hbm_bytes,
         model_flops=model_flops(cfg, config, stage) / n,
@@ -428,6 +432,7 @@ REMAT_LABELS = {
     "full": "full",
     "dots_saveable": "dots",
     "dots_with_no_batch_dims_saveable": "dots_nb",
+    "offload_dots_with_no_batch_dims": "offload",
 }
 
 
@@ -471,7 +476,8 @@ def best(plans: Sequence[Plan]) -> Plan | None:
 
 HEADER = (
     f"{'topology':<11} {'stage':<5} {'mesh d,f,t':<11} {'remat':<7} {'scan':<4} {'A':>2} "
-    f"{'params':>7} {'optim':>7} {'ref':>7} {'temp':>7} {'total':>7} {'HBM':>6} {'fits':<4} "
+    f"{'params':>7} {'optim':>7} {'ref':>7} {'temp':>7} {'host':>7} {'total':>7} {'HBM':>6} "
+    f"{'fits':<4} "
     f"{'modelTF':>8} {'xlaTF':>8} {'step_s':>7} {'MFU':>5} {'compile':>7}"
 )
 
@@ -487,7 +493,8 @@ def format_row(p: Plan) -> str:
         f"{p.topology:<11} {p.stage:<5} {mesh:<11} {REMAT_LABELS[p.remat]:<7} "
         f"{'yes' if p.scan_layers else 'no':<4} {p.accum_steps:>2} "
         f"{_gib(p.params_bytes)} {_gib(p.optimizer_bytes)} {_gib(p.reference_bytes)} "
-        f"{_gib(p.temp_bytes)} {_gib(p.total_bytes)} {p.hbm_bytes / GiB:6.1f} "
+        f"{_gib(p.temp_bytes)} {_gib(p.host_temp_bytes)} {_gib(p.total_bytes)} "
+        f"{p.hbm_bytes / GiB:6.1f} "
         f"{'yes' if p.fits else 'OOM' if p.oom else 'NO':<4} "
         f"{p.model_flops / 1e12:8.3f} {p.xla_flops / 1e12:8.3f} "
         f"{p.step_time:7.3f} {p.mfu:5.1%} {p.compile_s:6.1f}s"

@@ -137,6 +137,19 @@ def test_remat_recomputes_the_forward(planned, topology):
     assert planned.xla_flops < full.xla_flops < 1.5 * planned.xla_flops
 
 
+def test_offload_remat_moves_saved_projections_to_host_memory(planned, topology):
+    offload = plan.compile_step(
+        tiny_config(), "dpo", topology, remat="offload_dots_with_no_batch_dims"
+    )
+    assert planned.host_temp_bytes == 0
+    # What moves is what dots_with_no_batch_dims_saveable would keep: the projections'
+    # outputs of the policy's layers (at least q, k, v and the MLP of one layer).
+    rows = B * 2 * L // 4  # the FSDP axis shards the batch over the 4 chips
+    one_layer = rows * (N * H + 2 * K * H + 2 * F) * 4  # float32 activations
+    assert offload.host_temp_bytes >= one_layer
+    assert "offload" in plan.format_row(offload)
+
+
 def test_best_is_the_fastest_that_fits(planned):
     import dataclasses
 
