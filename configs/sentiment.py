@@ -27,13 +27,15 @@ from dpo_jax.train.defaults import optimizer_config
 SIZES = ("small", "quick", "full", "tiny")
 
 
-def methods(dpo_betas, unlikelihood_alphas, *, extras=True):
+def methods(dpo_betas, unlikelihood_alphas, *, extras=True, ppo_kl_targets=()):
     """The training runs: one dict per method and hyperparameter (the paper's sweep).
 
     run: the run's name (its workdir under <workdir>/runs/); method: its label in the plot
-    and table; hyperparameter: its sweep value as text; stage: the training stage (dpo, or
-    sft for Preferred-FT: SFT on the chosen side of the pairs); loss: a name from
-    dpo_jax.losses with its beta and other hyperparameters.
+    and table; hyperparameter: its sweep value as text; stage: the training stage (dpo, sft
+    for Preferred-FT: SFT on the chosen side of the pairs, or ppo); loss: a name from
+    dpo_jax.losses with its beta and other hyperparameters (ppo: `reward` learned | ground_truth
+    and the adaptive controller's `kl_target` in nats). ppo_kl_targets: one PPO run (reward
+    model trained on the pairs) and one PPO-GT run (the ground-truth reward) per target.
     """
 
     def run(name, method, hyperparameter, loss="", beta=0.1, stage="dpo", **hparams):
@@ -62,6 +64,21 @@ def methods(dpo_betas, unlikelihood_alphas, *, extras=True):
             # SimPO: beta 2, margin gamma 1 (gamma / beta = 0.5, inside the paper's range).
             run("simpo_beta2", "SimPO", "beta=2,gamma=1", "simpo", 2.0, simpo_gamma=1.0),
         ]
+    for target in ppo_kl_targets:
+        for name, method, reward in (
+            ("ppo", "PPO", "learned"),
+            ("ppo_gt", "PPO-GT", "ground_truth"),
+        ):
+            runs.append(
+                run(
+                    f"{name}_kl{target:g}",
+                    method,
+                    f"target KL={target:g}",
+                    stage="ppo",
+                    reward=reward,
+                    kl_target=float(target),
+                )  # fmt: skip
+            )
     return tuple(runs)
 
 
@@ -143,6 +160,14 @@ def get_config(arg=None):
         name="adamw", learning_rate=3e-4, warmup_steps=10, schedule="constant", max_grad_norm=1.0
     )
     c.methods = methods(dpo_betas=(0.05, 0.1, 1.0, 5.0), unlikelihood_alphas=(0.05, 0.1, 0.5, 1.0))
+    # PPO runs (stage ppo): train.steps iterations of train.batch_size prompts each, with the
+    # runs' optimizer; the paper sweeps target KLs (3, 6, 9, 12) through `methods(...,
+    # ppo_kl_targets=)`. Off in small and full until they are run and tuned (issue 11).
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.rm_steps = 160  # learned reward: Bradley-Terry steps on the pairs, from SFT
+    c.ppo.epochs = 4  # passes over each rollout batch
+    c.ppo.num_minibatches = 1  # updates per pass
+    c.ppo.kl_coef = 0.05  # initial beta_KL (then adapted toward the run's target KL)
 
     # --- Evaluation on held-out prefixes -----------------------------------------------------
     c.eval = ml_collections.ConfigDict()
@@ -245,7 +270,11 @@ def shrink_to_tiny(c):
     c.train.max_prompt_length = 12
     c.train.held_out_fraction = 0.2
     c.train.optimizer.warmup_steps = 1
-    c.methods = methods(dpo_betas=(0.1,), unlikelihood_alphas=(), extras=False)
+    c.methods = methods(
+        dpo_betas=(0.1,), unlikelihood_alphas=(), extras=False, ppo_kl_targets=(3.0,)
+    )
+    c.ppo.rm_steps = 4
+    c.ppo.epochs = 2
     c.eval.num_prompts = 8
     c.eval.batch_size = 8
     c.eval.kl_batch_size = 8

@@ -95,7 +95,7 @@ def test_tiny_pipeline_writes_the_frontier_and_a_rerun_skips_finished_stages(tmp
     assert {p["prompt"] for p in pairs} <= prefixes
 
     table = open(os.path.join(results, "table.md")).read()
-    for method in ("SFT", "DPO", "Preferred-FT", sentiment.BEST_OF_N):
+    for method in ("SFT", "DPO", "Preferred-FT", "PPO", "PPO-GT", sentiment.BEST_OF_N):
         assert f"| {method} |" in table
     assert os.path.getsize(os.path.join(results, "frontier.png")) > 10_000
 
@@ -322,7 +322,9 @@ def test_full_configuration_runs_on_imdb_style_parquet_with_a_classifier_reward(
     corpus = sentiment.read_jsonl(os.path.join(workdir, "corpus", "train.jsonl"))
     assert len(corpus) == 60 and not any("<br" in r["completion"] for r in corpus)
     rows = _csv(os.path.join(results, "frontier.csv"))
-    assert [r["method"] for r in rows][:2] == ["SFT", "DPO"] and len(rows) == 1 + 2 * 2 + 2
+    assert [r["method"] for r in rows][:2] == ["SFT", "DPO"]
+    assert len(rows) == 1 + 2 * len(config.methods) + 2  # SFT, 2 checkpoints a run, Best-of-N
+    assert {"PPO", "PPO-GT"} <= {r["method"] for r in rows}  # PPO-GT: the classifier's reward
     # The reward is the classifier's P(POSITIVE) of prefix + completion.
     reward = HFClassifierReward(classifier, label="POSITIVE", score="prob", with_prompt=True)
     samples = _gz_jsonl(os.path.join(results, "samples", "dpo_beta0.1.jsonl.gz"))[:4]
@@ -340,7 +342,7 @@ def test_every_variant_loads_locked_and_the_docstring_holds_the_commands():
     for size in configs.SIZES:
         config = configs.get_config(size)
         assert config.is_locked and config.size == size
-        assert config.methods and all(m["stage"] in ("sft", "dpo") for m in config.methods)
+        assert config.methods and all(m["stage"] in ("sft", "dpo", "ppo") for m in config.methods)
         if size != "full":  # full names the local files it needs on the command line
             sentiment.check_inputs(config)
     assert "--config=configs/sentiment.py:small" in source

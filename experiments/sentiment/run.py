@@ -15,7 +15,8 @@ Stages, in order (configs/sentiment.py sets every size):
             ties dropped) as a preference JSONL, plus every sample with its reward.
   train     one run per method and hyperparameter (`config.methods`), each in its own loop
             workdir <workdir>/runs/<run>, from the SFT model, on the same pairs,
-            checkpointed every K = `train.eval_every` steps.
+            checkpointed every K = `train.eval_every` steps (PPO: iterations on the pairs'
+            prompts, after a reward model trained on the pairs for PPO, not for PPO-GT).
   evaluate  the SFT model and every checkpoint sample the held-out prefixes: mean reward and
             sequence-level KL(policy || SFT) with standard errors; Best-of-N from SFT.
   report    results/frontier.csv, frontier.png, table.md, samples/*.jsonl.gz, timings.json.
@@ -501,6 +502,8 @@ def method_run_config(config, p: Paths, method: dict):
         c.dpo.loss.beta = float(method["beta"])
         for name, value in method["hparams"].items():
             c.dpo.loss.hparams[name] = value
+    if method["stage"] == "ppo":
+        ppo_run_fields(config, c, method)
     # Every K-step checkpoint is kept: each is a point on the frontier.
     c.checkpoint.every_steps = t.eval_every
     c.checkpoint.keep = t.steps // t.eval_every + 1
@@ -509,6 +512,36 @@ def method_run_config(config, p: Paths, method: dict):
     c.eval.every_steps = t.steps
     c.export_hf = False
     return c
+
+
+def ppo_run_fields(config, c, method: dict) -> None:
+    """A PPO run from the SFT export on the pairs' prompts: `learned` trains a reward model on
+    the pairs first (stages rm, ppo; it also starts the value model), `ground_truth` scores
+    the rollouts with the experiment's reward (VADER's compound of prefix + completion in
+    [-1, 1], i.e. 2x the reported [0, 1] reward minus 1; or the classifier's P(label))."""
+    from dpo_jax.train.defaults import optimizer_config
+
+    t, hparams = config.train, method["hparams"]
+    c.ppo.init_from = "model"
+    c.ppo.max_new_tokens = config.pairs.max_new_tokens
+    c.ppo.epochs = config.ppo.epochs
+    c.ppo.num_minibatches = config.ppo.num_minibatches
+    c.ppo.kl_coef = config.ppo.kl_coef
+    c.ppo.kl_target = hparams["kl_target"]
+    c.ppo.reward = hparams["reward"]
+    if hparams["reward"] == "learned":
+        c.stages = ("rm", "ppo")
+        c.rm.init_from = "model"
+        c.rm.steps = config.ppo.rm_steps
+        c.rm.batch_size = t.batch_size
+        c.rm.optimizer = optimizer_config(**t.optimizer.to_dict())
+        return
+    gt, r = c.ppo.ground_truth, config.reward
+    gt.with_prompt = True
+    gt.name = r.name
+    if r.name == "classifier":
+        gt.path, gt.label, gt.score = r.path, r.label, "prob"
+        gt.batch_size, gt.device = r.batch_size, r.device
 
 
 def stage_train(config, p: Paths) -> None:
@@ -612,16 +645,18 @@ def stage_evaluate(config, p: Paths) -> None:
     )
     # One key for every policy: checkpoints are compared on common random numbers.
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    jobs = [("sft", "SFT", "-", 0, None)]
+    jobs = [("sft", "SFT", "-", 0, None, "sft")]
     for m in config.methods:
         for step in checkpoint_steps(p, m):
             ckpt = os.path.join(p.run(m["run"]), "checkpoints", m["stage"], str(step))
-            jobs.append((m["run"], m["method"], m["hyperparameter"], step, ckpt))
-    for run, method, hparam, step, ckpt in tqdm(jobs, desc="evaluate: checkpoints"):
+            jobs.append((m["run"], m["method"], m["hyperparameter"], step, ckpt, m["stage"]))
+    for run, method, hparam, step, ckpt, stage in tqdm(jobs, desc="evaluate: checkpoints"):
         name = f"{run}/step_{step}"
         if evaluated(p, name):
             continue
         params = sft_params if ckpt is None else eval_inputs.restore_params(ckpt)
+        if stage == "ppo":  # a PPO state's params are {"policy", "value"}
+            params = params["policy"]
         metrics, samples, _ = evaluate_one(
             setup, f"{run}@{step}", model, params, e.temperature, key
         )
