@@ -42,7 +42,7 @@ def make_rows(layout: str, length: int = 40):
     lengths = {
         "padded": [[length], [length * 5 // 8]],
         "packed": [[7, 12, 9], [20, 15]],
-        "shared": [[9, 8, 11, 6], []],
+        "shared": [[8, 12, 11, 6], []],
     }[layout]
     seg, pos, pre = (np.zeros((2, length), np.int32) for _ in range(3))
     for row, sizes in enumerate(lengths):
@@ -53,8 +53,8 @@ def make_rows(layout: str, length: int = 40):
             start += n
     if layout == "shared":
         # The responses continue the prompt's positions, as in the unshared sequences.
-        pre[0, 9:28] = 1
-        pos[0, 9:28] = 9 + np.concatenate([np.arange(8), np.arange(11)])
+        pre[0, 8:31] = 1
+        pos[0, 8:31] = 8 + np.concatenate([np.arange(12), np.arange(11)])
     return seg, pos, pre
 
 
@@ -192,15 +192,13 @@ def test_schedule_visits_exactly_the_blocks_with_a_visible_key():
     assert int(schedule.count) == len(expected) < 42 * 2 // 3
 
 
-def test_schedule_with_prefixes_visits_every_needed_block():
-    """A response reads its prompt's blocks; the blocks between them (the other response)
-    are visited too (a range per query block): a superset, never a missing block."""
+def test_schedule_with_prefixes_skips_the_other_response():
+    """The rejected response (tokens 20-30) reads its prompt (block 0) and itself (blocks
+    2-3), not the chosen response's block 1 (tokens 8-15), which lies between them."""
     seg, pos, pre = make_rows("shared", length=48)
-    schedule = make_schedule(jnp.asarray(seg), jnp.asarray(pre), 8)
-    visited = block_pairs(schedule)
-    needed = needed_pairs(rule_mask(seg, pos, pre, None)[:, 0, 0], 8)
-    assert needed <= visited
-    assert (0, 0, 0) in needed and (0, 3, 0) in needed  # the rejected response's prompt
+    visited = block_pairs(make_schedule(jnp.asarray(seg), jnp.asarray(pre), 8))
+    assert visited == needed_pairs(rule_mask(seg, pos, pre, None)[:, 0, 0], 8)
+    assert (0, 3, 0) in visited and (0, 3, 1) not in visited
     assert not any(row == 1 for row, _, _ in visited)  # the all-padding row costs nothing
 
 

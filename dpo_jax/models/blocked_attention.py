@@ -19,9 +19,9 @@ Why: a packed row of 768 tokens holds several sequences, and the einsum computes
 [L, L] scores, most of them masked (across segments, above the diagonal). Here queries
 and keys are tiled in blocks of `block_size` and the work is a list of (row, query block,
 key block) triples, built at run time from the segment ids: a query block visits key
-blocks from the one holding the earliest key any of its tokens can see (the first token
-of each segment it holds, and of each prefix segment its tokens name) up to its own
-diagonal block; query blocks of pure padding visit nothing. Cost follows the real
+blocks from the first one of the earliest segment it holds up to its own diagonal block,
+and the blocks of the prefix segments its tokens name; query blocks of pure padding
+visit nothing. Cost follows the real
 segment lengths. The sliding window is applied inside blocks only: it never narrows the
 list (a window much shorter than a segment would leave more blocks to skip; not done).
 
@@ -62,16 +62,22 @@ class Schedule(NamedTuple):
     count: jax.Array
 
 
-def _first_index(segment_ids: jax.Array, wanted: jax.Array) -> jax.Array:
-    """[B, L] int32: per row, the first index whose segment id is wanted[b, t], or L when
-    none is. segment_ids, wanted: [B, L] int. A stable sort puts equal ids in index order,
-    so the first of a run is its earliest index: O(L log L), not the [L, L] comparison."""
+def _segment_span(segment_ids: jax.Array, wanted: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The first and last index whose segment id is wanted[b, t] in row b, or (L, -1) when
+    none is: two [B, L] int32. segment_ids, wanted: [B, L] int. A stable sort puts equal
+    ids in index order, so a run's ends are its extreme indices: O(L log L), not [L, L]."""
     length = segment_ids.shape[1]
 
     def row(ids, want):
         order = jnp.argsort(ids, stable=True)
-        at = jnp.minimum(jnp.searchsorted(ids[order], want, side="left"), length - 1)
-        return jnp.where(ids[order][at] == want, order[at], length).astype(jnp.int32)
+        ordered = ids[order]
+        first = jnp.minimum(jnp.searchsorted(ordered, want, side="left"), length - 1)
+        last = jnp.maximum(jnp.searchsorted(ordered, want, side="right") - 1, 0)
+        found = ordered[first] == want
+        return (
+            jnp.where(found, order[first], length).astype(jnp.int32),
+            jnp.where(found, order[last], -1).astype(jnp.int32),
+        )
 
     return jax.vmap(row)(segment_ids, wanted)
 
@@ -80,22 +86,28 @@ def make_schedule(segment_ids: jax.Array, prefix_segment_ids: jax.Array, block_s
     """The (row, query block, key block) triples that hold a visible key, as a `Schedule`.
     segment_ids, prefix_segment_ids: [B, L] int32 with L a multiple of block_size.
 
-    A query block needs key blocks from the one holding the earliest key any of its real
-    tokens can see (the first token of its own segment, or of the prefix segment it names)
-    through its diagonal block. Exactly the blocks with a visible key when segments are
-    contiguous runs (as the batchers write them) and no prefix is set; otherwise a superset
-    (e.g. a rejected response also visits the chosen one's blocks between it and its
-    prompt), still correct."""
+    A query block needs two ranges of key blocks: from the block holding the first token
+    of the earliest segment its real tokens belong to through its diagonal block, and the
+    blocks of the prefix segments its tokens name (first to last). Exactly the blocks
+    with a visible key when segments are contiguous runs, as the batchers write them, and
+    a query block names one prefix; a superset otherwise (a block naming the prompts of
+    two pairs also visits the first pair's responses), still correct."""
     B, L = segment_ids.shape
     nb = L // block_size
-    own = _first_index(segment_ids, segment_ids)
-    prefix = jnp.where(prefix_segment_ids != 0, _first_index(segment_ids, prefix_segment_ids), L)
-    earliest = jnp.where(segment_ids != 0, jnp.minimum(own, prefix), L)
-    # nb (past every block) for a query block of pure padding: it gets no entries.
-    first_block = earliest.reshape(B, nb, block_size).min(-1) // block_size
+    blocks = lambda x: x.reshape(B, nb, block_size)  # noqa: E731
+    real = segment_ids != 0
+    own_first, _ = _segment_span(segment_ids, segment_ids)
+    prefix_first, prefix_last = _segment_span(segment_ids, prefix_segment_ids)
+    names = real & (prefix_segment_ids != 0)
+    # A query block of pure padding (and one naming no prefix) gets nb as its first block
+    # and -1 as its last: an empty range.
+    own_lo = blocks(jnp.where(real, own_first, L)).min(-1) // block_size
+    prefix_lo = blocks(jnp.where(names, prefix_first, L)).min(-1) // block_size
+    prefix_hi = blocks(jnp.where(names, prefix_last, -1)).max(-1) // block_size
 
     query_block, key_block = (jnp.asarray(x, jnp.int32) for x in np.tril_indices(nb))
-    needed = key_block >= first_block[:, query_block]  # [B, T / B]
+    lo = lambda x: key_block >= x[:, query_block]  # noqa: E731
+    needed = lo(own_lo) | (lo(prefix_lo) & (key_block <= prefix_hi[:, query_block]))  # [B, T/B]
     order = jnp.argsort(~needed.reshape(-1), stable=True).astype(jnp.int32)
     pair = order % query_block.size
     return Schedule(
