@@ -131,6 +131,7 @@ def _add_block(x: jax.Array, b, i, value: jax.Array) -> jax.Array:
 
 
 def _set_block(x: jax.Array, b, i, value: jax.Array) -> jax.Array:
+    """x with x[b, i] = value, in place likewise."""
     start = (b, i) + (0,) * (x.ndim - 2)
     return jax.lax.dynamic_update_slice(x, value[None, None], start)
 
@@ -218,15 +219,11 @@ def _attend_bwd(sliding_window, block_size, residuals, d_out):
         dq, dk, dv = grads
         b, i, j = schedule.row[t], schedule.query_block[t], schedule.key_block[t]
         mask = _block_mask(masks, b, i, j, block_size, sliding_window)
-        q_i, k_j, v_j, do_i = (
-            _block(q32, b, i),
-            _block(k32, b, j),
-            _block(v32, b, j),
-            (_block(d_out, b, i)),
-        )
-        probs = jnp.where(
-            mask, jnp.exp(_scores(q_i, k_j, mask) - _block(lse, b, i)[..., None]), 0.0
-        )
+        q_i, do_i = _block(q32, b, i), _block(d_out, b, i)
+        k_j, v_j = _block(k32, b, j), _block(v32, b, j)
+        # Masked scores are _NEG_INF and lse is finite (0 for a query that saw no key), so
+        # their probabilities come out 0 without a `where`.
+        probs = jnp.exp(_scores(q_i, k_j, mask) - _block(lse, b, i)[..., None])
         dv = _add_block(dv, b, j, jnp.einsum("KGQS,KGQH->KSH", probs, do_i))
         d_probs = jnp.einsum("KGQH,KSH->KGQS", do_i, v_j)
         d_scores = probs * (d_probs - _block(delta, b, i)[..., None]) * scale
