@@ -209,8 +209,41 @@ def _chunked_logps(h, w, targets, live, vc):
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
+def _deal_scored(scored, groups, slots):
+    """Where the head's inputs come from: each group's scored positions, dealt evenly over
+    the group's rows (round robin), before any other position.
+
+    Args:
+      scored: [R, n] bool, position t predicts a scored token.
+      groups: G, dividing R: G contiguous groups of r = R / G rows (G = R: every row keeps
+        its own positions, so nothing crosses a batch sharding).
+      slots: head positions per row (>= n).
+    Returns:
+      order: [G, r n] a permutation of each group's flattened positions, scored first (in
+        order): entry j of group g goes to its row j % r, slot j // r.
+      dealt: [G, r slots] the position (index into the group's r n) of each row's slots,
+        row-major; the slots past r n entries take position 0, which nothing reads.
+      most: int32 scalar, the most scored positions any row holds after dealing.
+    """
+    rows, n = scored.shape
+    r = rows // groups
+    flat = scored.reshape(groups, r * n)
+    order = jnp.argsort((~flat).astype(jnp.int32), axis=-1, stable=True)  # stable: in order
+    padded = jnp.pad(order, ((0, 0), (0, r * (slots - n))))
+    dealt = padded.reshape(groups, slots, r).swapaxes(1, 2).reshape(groups, r * slots)
+    most = -(-flat.sum(-1).max() // r)
+    return order, dealt, most
+
+
 def token_logps_from_features(
-    hidden, unembed, tokens, *, loss_mask=None, chunk_size=256, vocab_chunk_size=8192
+    hidden,
+    unembed,
+    tokens,
+    *,
+    loss_mask=None,
+    row_groups=None,
+    chunk_size=256,
+    vocab_chunk_size=8192,
 ):
     """Per-token log-probs from final hidden states, without materialising [B, L, V].
 
@@ -228,13 +261,19 @@ def token_logps_from_features(
     per-row count of scored tokens rounded up to `chunk_size`, not L: nothing is
     truncated, whatever the batch holds (no capacity to choose, no token ever dropped),
     and the shapes stay static. Scored entries (and all gradients) equal the unmasked
-    call's; unscored entries are 0. Rows stay rows, so a batch sharding survives.
+    call's; unscored entries are 0. `row_groups` evens the rows out: the scored positions
+    of each of that many groups of rows are dealt round robin over the group's rows, so the
+    cost follows the group's mean count, not its longest row's; positions then move across
+    rows, so under a batch-sharded jit keep each group within a shard (row_groups = the
+    number of batch shards, or None: every row alone, the default).
 
     Args:
       hidden: [B, L, D] float (leading dims may be any batch shape), e.g. bfloat16.
       unembed: [D, V] float.
       tokens: [B, L] int.
       loss_mask: optional [B, L] 0/1, `loss_mask[..., t] = 1` when entry t is scored.
+      row_groups: with loss_mask, G dividing the rows (the product of the leading dims): the
+        scored positions are balanced within G contiguous groups of rows; None = G = rows.
       chunk_size: sequence positions per chunk; L need not be a multiple (padded inside).
         With `loss_mask` it is also the granularity at which chunks are skipped.
       vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks); need
@@ -256,10 +295,16 @@ def token_logps_from_features(
             f"logprobs.{fn}: loss_mask shape {tuple(loss_mask.shape)} does not match tokens "
             f"{tuple(tokens.shape)}"
         )
-    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+    sizes = ("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)
+    for name, value in (*sizes, ("row_groups", row_groups)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"logprobs.{fn}: {name} must be a positive int, got {value!r}")
     *batch_shape, length, width = hidden.shape
+    if row_groups is not None and math.prod(batch_shape) % row_groups:
+        raise ValueError(
+            f"logprobs.{fn}: row_groups={row_groups} must divide the {math.prod(batch_shape)} "
+            f"rows of hidden {tuple(hidden.shape)}"
+        )
     vocab_size = unembed.shape[1]
     if length < 2:  # nothing to score: entry 0 is 0 by convention
         return jnp.zeros(tokens.shape, jnp.float32)
@@ -276,29 +321,27 @@ def token_logps_from_features(
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     else:
+        groups = rows if row_groups is None else row_groups
         scored = loss_mask.reshape(rows, length)[:, 1:] != 0  # [B, L-1]: predicts a scored one
-        # A stable sort on "unscored" puts each row's scored positions first, in order.
-        order = jnp.argsort((~scored).astype(jnp.int32), axis=-1, stable=True)
-        # The padding slots gather position 0 (any would do): they lie past every row's
-        # count of scored positions, so nothing reads them.
-        gather = jnp.pad(order, ((0, 0), (0, pad)))
-        h = jnp.take_along_axis(h, gather[..., None], axis=1)
-        targets = jnp.take_along_axis(targets, gather, axis=1)
-        live = -(-scored.sum(-1).max() // c)  # leading chunks holding a scored position
+        order, dealt, most = _deal_scored(scored, groups, num_chunks * c)
+        h = jnp.take_along_axis(h.reshape(groups, -1, width), dealt[..., None], axis=1)
+        targets = jnp.take_along_axis(targets.reshape(groups, -1), dealt, axis=1)
+        live = -(-most // c)  # leading chunks holding a scored position
     # Chunk axis first, rows kept inside each chunk so a batch sharding survives the loop.
     h = h.reshape(rows, num_chunks, c, width).swapaxes(0, 1)
     targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
 
     vc = vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
     logps = _chunked_logps(h, unembed, targets, live, vc)  # [C, rows, c]
-    logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)[:, :n]
-    if loss_mask is not None:  # back to sequence order; unscored entries are 0
-        logps = (
-            jnp.zeros_like(logps)
-            .at[jnp.arange(rows)[:, None], order]
-            .set(logps, unique_indices=True)
-        )
-        logps = jnp.where(scored, logps, 0.0)
+    logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)
+    if loss_mask is None:
+        logps = logps[:, :n]
+    else:  # back to sequence order; unscored entries are 0
+        dealt_order = logps.reshape(groups, -1, num_chunks * c).swapaxes(1, 2)
+        listed = dealt_order.reshape(groups, -1)[:, : order.shape[1]]
+        logps = jnp.zeros(order.shape, jnp.float32)
+        logps = logps.at[jnp.arange(groups)[:, None], order].set(listed, unique_indices=True)
+        logps = jnp.where(scored, logps.reshape(rows, n), 0.0)
     return _shift_right(logps).reshape(tokens.shape)
 
 

@@ -6,6 +6,7 @@ float32, 1e-5, padded and packed batches, policy (gradients) and reference (valu
 vocabulary blocks that do not divide the vocabulary.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -40,8 +41,12 @@ def _spans(rows, length, spans):
     return jnp.asarray(mask)
 
 
-@functools.partial(jax.jit, static_argnames=("scored", "chunk_size", "vocab_chunk_size"))
-def _loss_and_grads(hidden, unembed, tokens, weights, mask, scored, chunk_size, vocab_chunk_size):
+@functools.partial(
+    jax.jit, static_argnames=("scored", "chunk_size", "vocab_chunk_size", "row_groups")
+)
+def _loss_and_grads(
+    hidden, unembed, tokens, weights, mask, scored, chunk_size, vocab_chunk_size, row_groups=None
+):
     """A weighted masked sum of token log-probs, its value, the log-probs and d/d(hidden,
     unembed); the head at every position (scored=False) or only where scored."""
 
@@ -51,6 +56,7 @@ def _loss_and_grads(hidden, unembed, tokens, weights, mask, scored, chunk_size, 
             unembed,
             tokens,
             loss_mask=mask if scored else None,
+            row_groups=row_groups,
             chunk_size=chunk_size,
             vocab_chunk_size=vocab_chunk_size,
         )
@@ -65,16 +71,21 @@ SPANS = [(0, 9, 23), (1, 2, 6), (1, 13, 19), (3, 1, 23)]
 
 
 @pytest.mark.parametrize(
-    "chunk_size, vocab_chunk_size",
-    [(4, 7), (5, None), (256, 16), (1, 50)],  # 7 and 16 do not divide V = 50
+    "chunk_size, vocab_chunk_size, row_groups",
+    # 7 and 16 do not divide V = 50; row groups: each row alone (None), pairs of rows, all.
+    [(4, 7, None), (5, None, None), (256, 16, None), (1, 50, None), (4, 7, 2), (3, 16, 1)],
 )
-def test_scored_only_equals_every_position_values_and_grads(chunk_size, vocab_chunk_size):
+def test_scored_only_equals_every_position_values_and_grads(
+    chunk_size, vocab_chunk_size, row_groups
+):
     hidden, unembed, tokens, weights = _features(0, 4, 23)
     mask = _spans(4, 23, SPANS)
     args = (hidden, unembed, tokens, weights, mask)
     sizes = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     (want, want_logps), want_grads = _loss_and_grads(*args, scored=False, **sizes)
-    (got, got_logps), got_grads = _loss_and_grads(*args, scored=True, **sizes)
+    (got, got_logps), got_grads = _loss_and_grads(
+        *args, scored=True, row_groups=row_groups, **sizes
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5)
     scored = np.asarray(mask) != 0
     np.testing.assert_allclose(np.where(scored, got_logps, 0.0), np.where(scored, want_logps, 0.0),
@@ -85,13 +96,21 @@ def test_scored_only_equals_every_position_values_and_grads(chunk_size, vocab_ch
     assert np.all(np.abs(np.asarray(got_grads[0])[:, :-1]).sum(-1)[scored[:, 1:]] > 0)
 
 
-def test_head_never_sees_an_unscored_position():
+@pytest.mark.parametrize(
+    "row_groups, spans",
+    [
+        (None, [(0, 3, 11), (1, 15, 23)]),  # each row alone, 8 scored tokens each
+        (1, [(0, 3, 15), (1, 19, 23)]),  # 12 + 4 scored tokens, dealt 8 + 8 over the rows
+    ],
+)
+def test_head_never_sees_an_unscored_position(row_groups, spans):
     """NaN hidden states where no scored token is predicted: the full path's unembed
     gradient is NaN (NaN * 0 in the head's backward), the scored-only path never reads them.
 
-    Both rows hold 8 scored tokens, 2 chunks of 4: the chunks past them are skipped."""
+    Both cases put 8 scored positions in each head row: 2 chunks of 4, all scored; the
+    other chunks (NaN positions only) are skipped, forward and backward."""
     hidden, unembed, tokens, weights = _features(1, 2, 23)
-    mask = _spans(2, 23, [(0, 3, 11), (1, 15, 23)])
+    mask = _spans(2, 23, spans)
     predicts_scored = np.asarray(mask)[:, 1:] != 0  # position t-1 predicts token t
     poison = np.pad(~predicts_scored, ((0, 0), (0, 1)), constant_values=True)
     hidden = jnp.where(poison[..., None], jnp.nan, hidden)
@@ -99,7 +118,7 @@ def test_head_never_sees_an_unscored_position():
     sizes = dict(chunk_size=4, vocab_chunk_size=16)
     (full, _), (_, full_dw) = _loss_and_grads(*args, scored=False, **sizes)
     assert np.isfinite(full) and np.isnan(np.asarray(full_dw)).any()
-    (got, logps), (dh, dw) = _loss_and_grads(*args, scored=True, **sizes)
+    (got, logps), (dh, dw) = _loss_and_grads(*args, scored=True, row_groups=row_groups, **sizes)
     assert np.isfinite(got) and np.all(np.isfinite(logps)) and np.all(np.isfinite(dw))
     assert np.all(np.asarray(dh)[poison] == 0.0)
     clean = jnp.where(poison[..., None], 0.0, hidden)
@@ -134,17 +153,19 @@ def test_out_of_range_scored_target_is_nan_and_mask_shape_checked():
 FULL_LOGITS = scoring.ScoringOptions(memory_efficient=False)
 EVERY_POSITION = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=24, scored_only=False)
 SCORED_ONLY = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=24, scored_only=True)
+BALANCED = dataclasses.replace(SCORED_ONLY, scored_row_groups=1)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_reference_pair_logps_equal_the_full_paths(model, reference, padded, packed, layout):
     batch = {"padded": padded, "packed": packed}[layout]
     score = jax.jit(scoring.pair_logps, static_argnames=("model", "options"))
-    got = score(reference, batch, model=model, options=SCORED_ONLY)
-    for options in (FULL_LOGITS, EVERY_POSITION):
-        np.testing.assert_allclose(got, score(reference, batch, model=model, options=options),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
-    assert np.all(np.asarray(got)[:5] < 0) and np.all(np.asarray(got)[5:] == 0)
+    want = score(reference, batch, model=model, options=FULL_LOGITS)
+    assert np.all(np.asarray(want)[:5] < 0) and np.all(np.asarray(want)[5:] == 0)
+    groups = dataclasses.replace(SCORED_ONLY, scored_row_groups=2)  # 2 groups of 4 or 8 rows
+    for options in (EVERY_POSITION, SCORED_ONLY, BALANCED, groups):
+        got = score(reference, batch, model=model, options=options)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(options))
 
 
 def _adamw_run(model, policy, reference, batches, options, objective):
@@ -159,9 +180,11 @@ def _adamw_run(model, policy, reference, batches, options, objective):
     return state.params, metrics
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize(
+    "layout, options", [("padded", SCORED_ONLY), ("packed", BALANCED)], ids=["padded", "packed"]
+)
 def test_training_with_scored_only_equals_training_without(
-    model, policy, reference, padded, packed, layout
+    model, policy, reference, padded, packed, layout, options
 ):
     """Three AdamW steps from the same params: the switch changes nothing but the cost."""
     batch = {"padded": padded, "packed": packed}[layout]
@@ -169,7 +192,7 @@ def test_training_with_scored_only_equals_training_without(
     batches = [batch, other, batch]
     runs = [
         _adamw_run(model, policy, reference, batches, options, steps.Objective.create())
-        for options in (SCORED_ONLY, EVERY_POSITION)
+        for options in (options, EVERY_POSITION)
     ]
     (got_params, got_metrics), (want_params, want_metrics) = runs
     lib.assert_trees_close(got_params, want_params, rtol=1e-5, atol=1e-6)
@@ -214,3 +237,11 @@ def test_config_key_reaches_the_options():
     with config.unlocked():
         config.dpo.logps_scored_only = False
     assert scoring.ScoringOptions.from_config(config.dpo).scored_only is False
+    assert scoring.ScoringOptions.from_config(config.dpo).scored_row_groups is None
+    with config.unlocked():
+        config.dpo.logps_scored_row_groups = 1
+    assert scoring.ScoringOptions.from_config(config.dpo).scored_row_groups == 1
+    with config.unlocked():
+        config.dpo.logps_scored_row_groups = -2
+    with pytest.raises(ValueError, match="logps_scored_row_groups must be >= 0"):
+        scoring.ScoringOptions.from_config(config.dpo)

@@ -44,6 +44,9 @@ def scoring_config(c: ml_collections.ConfigDict) -> None:
     # Memory-efficient path, preference pairs: the [D, V] head only at positions whose next
     # token is scored (responses), chunks holding none skipped; exact. (SFT ignores it.)
     c.logps_scored_only = True
+    # ... balanced over this many contiguous groups of rows (0 = each row alone; 1 = the
+    # whole batch, best on one device; under a batch-sharded mesh: the batch shards).
+    c.logps_scored_row_groups = 0
 
 
 def base_config() -> ml_collections.ConfigDict:

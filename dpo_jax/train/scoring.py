@@ -35,22 +35,35 @@ class ScoringOptions:
       positions whose next token is scored (`loss_mask`), skipping chunks of `chunk_size`
       positions that hold none (see `logprobs.token_logps_from_features`). Exact; the
       per-token log-probs it gives are 0 at unscored entries, which no loss reads.
+    scored_row_groups: scored_only, balanced: the scored positions of each of this many
+      contiguous groups of rows are spread evenly over the group's rows, so the head's cost
+      follows their mean count rather than the fullest row's. They move across rows: under a
+      batch-sharded jit use the number of batch shards (or None); 1 on one device.
+      None = every row keeps its own positions.
     """
 
     memory_efficient: bool = False
     chunk_size: int = 256
     vocab_chunk_size: int | None = 8192
     scored_only: bool = True
+    scored_row_groups: int | None = None
 
     @classmethod
     def from_config(cls, stage_config) -> ScoringOptions:
         """From a stage config's `memory_efficient_logps`, `logps_chunk_size`,
-        `logps_vocab_chunk_size` (0 = the whole vocabulary), `logps_scored_only`."""
+        `logps_vocab_chunk_size` (0 = the whole vocabulary), `logps_scored_only`,
+        `logps_scored_row_groups` (0 = None)."""
+        if int(stage_config.logps_scored_row_groups) < 0:
+            raise ValueError(
+                f"logps_scored_row_groups must be >= 0 (0 = each row alone), got "
+                f"{stage_config.logps_scored_row_groups}"
+            )
         return cls(
             memory_efficient=bool(stage_config.memory_efficient_logps),
             chunk_size=int(stage_config.logps_chunk_size),
             vocab_chunk_size=int(stage_config.logps_vocab_chunk_size) or None,
             scored_only=bool(stage_config.logps_scored_only),
+            scored_row_groups=int(stage_config.logps_scored_row_groups) or None,
         )
 
 
@@ -102,6 +115,7 @@ class Scoring:
                 unembed,
                 tokens,
                 loss_mask=loss_mask if opts.scored_only else None,
+                row_groups=opts.scored_row_groups,
                 chunk_size=opts.chunk_size,
                 vocab_chunk_size=opts.vocab_chunk_size,
             )
