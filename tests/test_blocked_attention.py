@@ -124,10 +124,12 @@ def test_prefix_segments_equal_the_rule_mask(block_size, window):
     all padding and must come out finite (its outputs 0, its gradients 0)."""
     seg, pos, pre = make_rows("shared")
     q, k, v = qkv(4, 2)
-    mask = jnp.asarray(rule_mask(seg, pos, pre, window))
+    mask = rule_mask(seg, pos, pre, window)
     expected = outputs_and_grads(
-        lambda q, k, v: attention.masked_attention(q, k, v, mask), q, k, v, seg
+        lambda q, k, v: attention.masked_attention(q, k, v, jnp.asarray(mask)), q, k, v, seg
     )
+    # The rule as written here is the rule of the "xla" implementation.
+    np.testing.assert_array_equal(attention.attention_mask(pos, seg, window, pre), mask)
     blocked = lambda q, k, v: blocked_attention(  # noqa: E731
         q, k, v, seg, pos, window, pre, block_size=block_size
     )

@@ -1,7 +1,7 @@
 """Blocked attention that visits only the key blocks a query block can see.
 
     out = blocked_attention(q, k, v, segment_ids, positions, sliding_window=None,
-                            prefix_segment_ids=None, block_size=128)
+                            prefix_segment_ids=None, block_size=64)
 
 q: [B, L, N, H]; k, v: [B, L, K, H] (N a multiple of K, query head n reads kv head n // G,
 G = N / K); segment_ids, positions, prefix_segment_ids: [B, L] int32; out: [B, L, N, H]
@@ -292,12 +292,15 @@ def blocked_attention(
     sliding_window=None,
     prefix_segment_ids=None,
     *,
-    block_size=128,
+    block_size=64,
 ):
     """Attention over the blocks the mask leaves visible; see the module docstring.
 
     block_size: tokens per query and per key block (a shorter sequence is one block).
     L is padded with segment-0 tokens up to a multiple of it; their outputs are cut.
+    Smaller blocks skip more of the mask, larger ones cost less loop overhead per FLOP:
+    64 measured fastest on CPU for packed rows of 768 (forward and backward ~1.4x faster
+    than 128, which visits ~1.4x the blocks; 32 is slower again).
 
     Under a mesh (`jax.set_mesh`, as the train steps run) each device runs it on its own
     rows and heads in a shard_map, batch split as the "act_batch" rule says and heads as
