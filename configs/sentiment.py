@@ -27,15 +27,23 @@ from dpo_jax.train.defaults import optimizer_config
 SIZES = ("small", "quick", "full", "tiny")
 
 
-def methods(dpo_betas, unlikelihood_alphas, *, extras=True, ppo_kl_targets=()):
+def methods(
+    dpo_betas,
+    unlikelihood_alphas,
+    *,
+    extras=True,
+    ppo_kl_targets=(),
+    ppo_rewards=("learned", "ground_truth"),
+):
     """The training runs: one dict per method and hyperparameter (the paper's sweep).
 
     run: the run's name (its workdir under <workdir>/runs/); method: its label in the plot
     and table; hyperparameter: its sweep value as text; stage: the training stage (dpo, sft
     for Preferred-FT: SFT on the chosen side of the pairs, or ppo); loss: a name from
     dpo_jax.losses with its beta and other hyperparameters (ppo: `reward` learned | ground_truth
-    and the adaptive controller's `kl_target` in nats). ppo_kl_targets: one PPO run (reward
-    model trained on the pairs) and one PPO-GT run (the ground-truth reward) per target.
+    and the adaptive controller's `kl_target` in nats). ppo_kl_targets: per target, a PPO run
+    (reward model trained on the pairs) and a PPO-GT run (the ground-truth reward), as far as
+    `ppo_rewards` lists them.
     """
 
     def run(name, method, hyperparameter, loss="", beta=0.1, stage="dpo", **hparams):
@@ -64,16 +72,16 @@ def methods(dpo_betas, unlikelihood_alphas, *, extras=True, ppo_kl_targets=()):
             # SimPO: beta 2, margin gamma 1 (gamma / beta = 0.5, inside the paper's range).
             run("simpo_beta2", "SimPO", "beta=2,gamma=1", "simpo", 2.0, simpo_gamma=1.0),
         ]
+    ppo = {"learned": ("ppo", "PPO"), "ground_truth": ("ppo_gt", "PPO-GT")}
     for target in ppo_kl_targets:
-        for name, method, reward in (
-            ("ppo", "PPO", "learned"),
-            ("ppo_gt", "PPO-GT", "ground_truth"),
-        ):
+        for reward in ppo_rewards:
+            name, method = ppo[reward]
+            hparam = f"target KL={target:g}"
             runs.append(
                 run(
                     f"{name}_kl{target:g}",
                     method,
-                    f"target KL={target:g}",
+                    hparam,
                     stage="ppo",
                     reward=reward,
                     kl_target=float(target),
@@ -270,8 +278,15 @@ def shrink_to_tiny(c):
     c.train.max_prompt_length = 12
     c.train.held_out_fraction = 0.2
     c.train.optimizer.warmup_steps = 1
+    # One PPO run per path, to keep the tests short: PPO on its reward model (generated
+    # corpus), PPO-GT on the classifier (the full configuration's path).
+    generated = c.corpus.source == "generated"
     c.methods = methods(
-        dpo_betas=(0.1,), unlikelihood_alphas=(), extras=False, ppo_kl_targets=(3.0,)
+        dpo_betas=(0.1,),
+        unlikelihood_alphas=(),
+        extras=False,
+        ppo_kl_targets=(3.0,),
+        ppo_rewards=("learned",) if generated else ("ground_truth",),
     )
     c.ppo.rm_steps = 4
     c.ppo.epochs = 2

@@ -95,7 +95,7 @@ def test_tiny_pipeline_writes_the_frontier_and_a_rerun_skips_finished_stages(tmp
     assert {p["prompt"] for p in pairs} <= prefixes
 
     table = open(os.path.join(results, "table.md")).read()
-    for method in ("SFT", "DPO", "Preferred-FT", "PPO", "PPO-GT", sentiment.BEST_OF_N):
+    for method in ("SFT", "DPO", "Preferred-FT", "PPO", sentiment.BEST_OF_N):
         assert f"| {method} |" in table
     assert os.path.getsize(os.path.join(results, "frontier.png")) > 10_000
 
@@ -324,7 +324,7 @@ def test_full_configuration_runs_on_imdb_style_parquet_with_a_classifier_reward(
     rows = _csv(os.path.join(results, "frontier.csv"))
     assert [r["method"] for r in rows][:2] == ["SFT", "DPO"]
     assert len(rows) == 1 + 2 * len(config.methods) + 2  # SFT, 2 checkpoints a run, Best-of-N
-    assert {"PPO", "PPO-GT"} <= {r["method"] for r in rows}  # PPO-GT: the classifier's reward
+    assert "PPO-GT" in {r["method"] for r in rows}  # PPO on the classifier's reward
     # The reward is the classifier's P(POSITIVE) of prefix + completion.
     reward = HFClassifierReward(classifier, label="POSITIVE", score="prob", with_prompt=True)
     samples = _gz_jsonl(os.path.join(results, "samples", "dpo_beta0.1.jsonl.gz"))[:4]

@@ -123,6 +123,14 @@ def make_ppo_step(*, policy, value, tx, objective: PPOObjective | None = None,
 # ------------------------------------------------------------------------------------------
 
 
+def process_rows(x: np.ndarray) -> np.ndarray:
+    """This process's share of the leading (batch) axis of a global host array, which every
+    process holds whole (the same prompts, samples and rewards everywhere)."""
+    n, i = jax.process_count(), jax.process_index()
+    size = x.shape[0] // n
+    return x[i * size : (i + 1) * size]
+
+
 class PPOStage:
     """Everything the PPO stage needs; `run()` trains to `ppo.steps` iterations and returns
     the policy params.
@@ -187,19 +195,13 @@ class PPOStage:
                 out = forward(p, self._global(rows))
             return np.asarray(out.addressable_data(0))
 
-        return ppo_rollout.RowReward(model, params, score_rows)
+        return ppo_rollout.RowReward(params, score_rows)
 
     def _global(self, tree):
         """Global batch-sharded arrays of a host batch every process holds whole."""
-        n, i = jax.process_count(), jax.process_index()
+        return parallel.shard_batch(jax.tree.map(process_rows, tree), self.devices.mesh)
 
-        def local(x):
-            size = x.shape[0] // n
-            return x[i * size : (i + 1) * size]
-
-        return parallel.shard_batch(jax.tree.map(local, tree), self.devices.mesh)
-
-    def _compile_scoring(self, state):
+    def _compile_scoring(self):
         options = ppo_rollout.RolloutOptions.from_config(self.ppo)
         fn = functools.partial(
             ppo_rollout.score_rollout, policy=self.policy, value=self.value, options=options
@@ -208,13 +210,7 @@ class PPOStage:
         ref = jax.tree.map(lambda x: x.sharding, self.reference)
         run = jax.jit(
             fn,
-            in_shardings=(
-                self.devices.state_shardings.params,
-                ref,
-                batch,
-                batch,
-                self.replicated,
-            ),  # fmt: skip
+            in_shardings=(self.devices.state_shardings.params, ref, batch, batch, self.replicated),
             out_shardings=self.replicated,
         )
         mesh, rules = self.devices.mesh, self.devices.rules
@@ -228,7 +224,8 @@ class PPOStage:
         return score
 
     def _start(self, tx):
-        """(state, iteration, controller/stream state): restored, or fresh."""
+        """(state, progress): restored from the latest checkpoint, or fresh. progress: the
+        iteration, prompt position, KL coefficient, rollout key and skipped-update counts."""
         base = jax.random.fold_in(jax.random.key(self.config.seed), STAGES.index("ppo"))
         # Two streams: update keys (the state's, `fold_in(rng, step)`) and rollout keys.
         state = self.devices.new_state(
@@ -268,7 +265,7 @@ class PPOStage:
             policy=self.policy, value=self.value, tx=tx, objective=objective, guard=guard
         )
         update = self.devices.compile(step_fn, None)
-        score = self._compile_scoring(state)
+        score = self._compile_scoring()
         iteration = progress["iteration"]
         bar = ProgressBar("ppo", self.total, iteration, self.config.log.progress_bar)
         try:
@@ -288,7 +285,7 @@ class PPOStage:
         self.checkpointer.close()
         return self.devices.params_of(state)["policy"]
 
-    def rollout(self, params, prompts, iteration: int, rollout_key):
+    def _rollout(self, params, prompts, iteration: int, rollout_key):
         """Samples of the policy `params` on `prompts` with the iteration's key."""
         key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rollout_key, jnp.uint32)),
                                  iteration)  # fmt: skip
@@ -310,7 +307,7 @@ class PPOStage:
         """One rollout batch and its updates; advances `progress` (except the iteration)."""
         ppo, B, it = self.ppo, int(self.ppo.batch_size), progress["iteration"]
         prompts = self.prompts.batch(progress["prompt_position"], B)
-        samples = self.rollout(state.params["policy"], prompts, it, progress["rollout_key"])
+        samples = self._rollout(state.params["policy"], prompts, it, progress["rollout_key"])
         rows = ppo_rollout.rollout_rows(prompts, samples.tokens, samples.lengths,
                                         self.prompts.width)  # fmt: skip
         scores = self.reward(prompts, samples.tokens, samples.lengths, rows)
@@ -329,7 +326,8 @@ class PPOStage:
             order = np.random.default_rng([self.seed, it, epoch]).permutation(B)
             for k in range(int(ppo.num_minibatches)):
                 idx = order[k * size : (k + 1) * size]
-                state, m = update(state, self._local({n: x[idx] for n, x in batch.items()}))
+                minibatch = {name: process_rows(x[idx]) for name, x in batch.items()}
+                state, m = update(state, minibatch)
                 sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
                 updates += 1
                 self._check_skipped(m)
@@ -354,11 +352,6 @@ class PPOStage:
         progress["kl_coef"] = float(new_coef)
         progress["prompt_position"] += B
         return state, metrics
-
-    def _local(self, batch):
-        """This process's rows of a global minibatch (every process holds all of it)."""
-        n, i = jax.process_count(), jax.process_index()
-        return {k: x[i * (len(x) // n) : (i + 1) * (len(x) // n)] for k, x in batch.items()}
 
     def _check_skipped(self, metrics) -> None:
         """Counts refused updates; stops the run after `guard.max_consecutive_skipped`."""

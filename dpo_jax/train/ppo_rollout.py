@@ -133,11 +133,11 @@ class TextReward:
 
 
 class RowReward:
-    """A reward model of this run (`models.reward.RewardModel` + its params) on the rollout
-    rows: the score of the last real token, i.e. of prompt + response as it was trained."""
+    """A reward model of this run on the rollout rows: `score_rows(params, rows) -> [B]`, the
+    `RewardModel`'s score of each row's last real token (prompt + response, as trained)."""
 
-    def __init__(self, model, params, score_rows):
-        self.model, self.params, self.score_rows = model, params, score_rows
+    def __init__(self, params, score_rows):
+        self.params, self.score_rows = params, score_rows
 
     def __call__(self, prompts, tokens, lengths, rows=None) -> np.ndarray:
         return np.asarray(self.score_rows(self.params, rows), np.float32)
