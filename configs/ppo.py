@@ -51,6 +51,7 @@ def get_config(arg=None):
         c.ppo.batch_size = 16
         c.ppo.epochs = 2
         c.ppo.num_minibatches = 2
+        c.ppo.score_norm = "norm"  # running moments: resumed from the checkpoint too
         c.ppo.optimizer.learning_rate = 1e-2
         c.ppo.optimizer.warmup_steps = 0
     c.lock()

@@ -173,6 +173,24 @@ def test_scoring_matches_the_samplers_log_probs():
     )
 
 
+def test_score_normalisation_uses_the_running_moments_of_all_scores_so_far():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size) for size in (5, 8, 1)]
+    moments = {"mean": 0.0, "var": 0.0, "count": 0}
+    for i, batch in enumerate(batches):
+        seen = np.concatenate(batches[: i + 1])
+        normed, moments = ppo_rollout.normalize_scores(batch, moments, "norm")
+        passed, _ = ppo_rollout.normalize_scores(batch, moments, "none")
+        assert moments["count"] == seen.size
+        np.testing.assert_allclose(moments["mean"], seen.mean(), rtol=1e-12)
+        std = seen.std(ddof=1)
+        np.testing.assert_allclose(normed, (batch - seen.mean()) / std, rtol=1e-6)
+        np.testing.assert_array_equal(passed, batch)  # "none" passes scores through
+    only_scale, _ = ppo_rollout.normalize_scores(batches[0], {"mean": 0.0, "var": 0.0,
+                                                               "count": 0}, "scale")  # fmt: skip
+    np.testing.assert_allclose(only_scale, batches[0] / batches[0].std(ddof=1), rtol=1e-6)
+
+
 def _with(config, **fields):
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -199,6 +217,7 @@ def _with(config, **fields):
         (dict(ppo__kl_target=-1.0), "config.ppo.kl_target=-1.0"),
         (dict(ppo__kl_estimator="full"), "config.ppo.kl_estimator='full'"),
         (dict(ppo__lam=1.5), "config.ppo.lam=1.5"),
+        (dict(ppo__score_norm="zscore"), "config.ppo.score_norm='zscore'"),
         (dict(ppo__init_from="sft"), "config.ppo.init_from='sft' needs 'sft'"),
     ],
 )

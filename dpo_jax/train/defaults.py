@@ -175,6 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ppo.clip_range_value = 0.2  # value clip around the rollout's values
     c.ppo.vf_coef = 0.1  # weight of the value loss in the one loss of both models
     c.ppo.whiten_rewards = False  # whiten the shaped rewards (mean kept) before GAE (TRL)
+    # Sequence scores: none | scale (divided by their running std) | norm (also minus their
+    # running mean): TRL 0.x's use_score_scaling / use_score_norm.
+    c.ppo.score_norm = "none"
     # Policy and value params are one tree under one optimizer (clipping over both), as
     # TRL's PolicyAndValueWrapper; its steps are iterations x epochs x num_minibatches.
     c.ppo.optimizer = optimizer_config(name="adamw", learning_rate=3e-6, warmup_steps=0)

@@ -242,6 +242,7 @@ class PPOStage:
             "rollout_key": [int(x) for x in jax.random.key_data(jax.random.fold_in(base, 1))],
             "nonfinite_steps": 0,
             "rejected_steps": 0,
+            "score_moments": {"mean": 0.0, "var": 0.0, "count": 0},
         }
         restored = self.checkpointer.restore_latest(self.devices.checkpoint_target(state))
         step = 0
@@ -311,8 +312,11 @@ class PPOStage:
         rows = ppo_rollout.rollout_rows(prompts, samples.tokens, samples.lengths,
                                         self.prompts.width)  # fmt: skip
         scores = self.reward(prompts, samples.tokens, samples.lengths, rows)
+        trained, progress["score_moments"] = ppo_rollout.normalize_scores(
+            scores, progress["score_moments"], ppo.score_norm
+        )
         kl_coef = progress["kl_coef"]
-        out = score(state.params, rows, scores, kl_coef)
+        out = score(state.params, rows, trained, kl_coef)
         batch = {
             **rows,
             "old_logps": out["logps"],

@@ -143,6 +143,30 @@ class RowReward:
         return np.asarray(self.score_rows(self.params, rows), np.float32)
 
 
+SCORE_NORMS = ("none", "scale", "norm")
+
+
+def normalize_scores(scores: np.ndarray, moments: dict, how: str) -> tuple[np.ndarray, dict]:
+    """(scores to train on, updated moments): TRL 0.x's `use_score_scaling` ("scale": divide
+    by the running standard deviation of all scores so far, this batch included) and
+    `use_score_norm` ("norm": also subtract the running mean); "none" passes them through.
+
+    moments: {"mean", "var", "count"} of the scores seen before (count 0 at the start), merged
+    with this batch by Chan et al.'s parallel update (TRL's RunningMoments); plain floats, so
+    they travel in the checkpoint's JSON. The standard deviation is the unbiased one.
+    """
+    if how == "none":
+        return scores, moments
+    x = np.asarray(scores, np.float64)
+    n, count = x.size, moments["count"]
+    delta, total = x.mean() - moments["mean"], count + n
+    m2 = moments["var"] * count + x.var() * n + delta**2 * count * n / total
+    moments = {"mean": moments["mean"] + delta * n / total, "var": m2 / total, "count": total}
+    std = np.sqrt(moments["var"] * total / max(total - 1, 1))
+    shift = moments["mean"] if how == "norm" else 0.0
+    return ((x - shift) / max(std, 1e-8)).astype(np.float32), moments
+
+
 def ground_truth_reward(gt, tokenizer) -> TextReward:
     """`config.ppo.ground_truth` as a text reward: vader | classifier (as the evaluation
     builds them) | count (`SubstringCount` of `gt.target`)."""

@@ -418,6 +418,7 @@ def _number(v) -> bool:
 def _check_ppo(c: _Checker) -> None:
     """The PPO stage: its start, rollouts, reward, value model, KL control and minibatches."""
     from dpo_jax.losses.ppo import KL_KINDS
+    from dpo_jax.train.ppo_rollout import SCORE_NORMS
 
     config = c.config
     ppo = config.ppo
@@ -474,6 +475,7 @@ def _check_ppo(c: _Checker) -> None:
         c.require(f"ppo.{key}", lambda v: _number(v) and v > 0, "must be > 0")
     c.require("ppo.vf_coef", lambda v: _number(v) and v >= 0, "must be a number >= 0")
     c.require("ppo.whiten_rewards", lambda v: isinstance(v, bool), "must be True or False")
+    c.require("ppo.score_norm", lambda v: v in SCORE_NORMS, f"expected one of {SCORE_NORMS}")
 
 
 def _check_minibatch_split(c: _Checker, minibatch: int) -> None:
