@@ -5,8 +5,8 @@
 
 q: [B, L, N, H]; k, v: [B, L, K, H] (N a multiple of K, query head n reads kv head n // G,
 G = N / K); segment_ids, positions, prefix_segment_ids: [B, L] int32; out: [B, L, N, H]
-in q's dtype. The math is `attention.masked_attention` under this mask: key k is visible
-to query q iff
+in q's dtype. The math is `attention.masked_attention` under the mask rule of
+`dpo_jax.models.attention`: key k is visible to query q iff
 
     k <= q  and  seg[k] != 0  and  (seg[k] == seg[q]  or  (prefix[q] != 0 and
     seg[k] == prefix[q]))  and  (window set)  pos[q] - pos[k] < sliding_window
@@ -21,9 +21,9 @@ and keys are tiled in blocks of `block_size` and the work is a list of (row, que
 key block) triples, built at run time from the segment ids: a query block visits key
 blocks from the first one of the earliest segment it holds up to its own diagonal block,
 and the blocks of the prefix segments its tokens name; query blocks of pure padding
-visit nothing. Cost follows the real
-segment lengths. The sliding window is applied inside blocks only: it never narrows the
-list (a window much shorter than a segment would leave more blocks to skip; not done).
+visit nothing. Cost follows the real segment lengths. The sliding window is applied
+inside blocks only: it never narrows the list (a window much shorter than a segment
+would leave more blocks to skip; not done).
 
 The list has a static capacity (every block on or below the diagonal of every row) and a
 data-dependent length, so the loops over it are while loops, which JAX cannot
