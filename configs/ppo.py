@@ -52,6 +52,8 @@ def get_config(arg=None):
         c.ppo.epochs = 2
         c.ppo.num_minibatches = 2
         c.ppo.score_norm = "norm"  # running moments: resumed from the checkpoint too
+        c.ppo.kl_target = 1.0  # the adaptive controller (its coefficient is resumed too)
+        c.ppo.kl_horizon = 100
         c.ppo.optimizer.learning_rate = 1e-2
         c.ppo.optimizer.warmup_steps = 0
     c.lock()

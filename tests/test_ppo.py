@@ -80,6 +80,13 @@ def test_tiny_ppo_raises_the_reward_of_its_samples(ppo_run):
                 "approx_kl", "entropy", "response_length"):  # fmt: skip
         assert all(np.isfinite(r[key]) for r in records), key
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference at first
+    # The adaptive controller: KL below the target (1 nat) lowers beta_KL, above raises it,
+    # by at most 20% x batch / horizon = 3.2% per iteration.
+    coefs = [r["kl_coef"] for r in records]
+    assert coefs[0] == config.ppo.kl_coef
+    for r, before, after in zip(records, coefs, coefs[1:], strict=False):
+        assert (after - before) * (r["kl"] - config.ppo.kl_target) > 0, (before, after, r["kl"])
+        assert abs(after / before - 1) <= 0.2 * config.ppo.batch_size / config.ppo.kl_horizon + 1e-6
     assert "PPO rollouts: iteration 1 -> 6" in loop.summarize(workdir)
 
 
