@@ -75,6 +75,10 @@ class Workload:
     # average on this workload (packed: 5 rows of 768), as every pair needs fewer tokens.
     shared_rows: int = 4
     memory_efficient: bool = True  # chunked log-probs from hidden states (no [N, L, V])
+    # ... with the head only at positions whose next token is scored, dealt evenly over the
+    # rows of the batch (one device: one row group) in chunks of 64 positions.
+    scored_only: bool = True
+    logps_chunk_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +203,12 @@ class Ours:
         t0 = time.perf_counter()
         self.jax = jax
         model, params = from_hf(model_dir, dtype=w.dtype)
-        scoring = ScoringOptions(memory_efficient=w.memory_efficient)
+        scoring = ScoringOptions(
+            memory_efficient=w.memory_efficient,
+            chunk_size=w.logps_chunk_size,
+            scored_only=w.scored_only,
+            scored_row_groups=1,
+        )
         tokenized = [TokenizedPair(p, c, r) for p, c, r in pairs]
         ref_logps = None
         self.reference = jax.device_put(params)
@@ -597,6 +606,7 @@ def parse_args(argv=None):
         "'ours packed cached,trl padded params' (the table's ratios need both TRL rows)",
     )
     p.add_argument("--full-logits", action="store_true", help="ours: [N, L, V] logits path")
+    p.add_argument("--all-positions", action="store_true", help="ours: the head at every position")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
@@ -605,10 +615,13 @@ def parse_args(argv=None):
 
 def main(argv=None, workload: Workload | None = None):
     """Runs the benchmark and prints its report; returns the rows. `workload`: another
-    than issue 12's (smoke tests); --dtype and --full-logits still apply."""
+    than issue 12's (smoke tests); --dtype, --full-logits and --all-positions still apply."""
     args = parse_args(argv)
     w = dataclasses.replace(
-        workload or Workload(), dtype=args.dtype, memory_efficient=not args.full_logits
+        workload or Workload(),
+        dtype=args.dtype,
+        memory_efficient=not args.full_logits,
+        scored_only=not args.all_positions,
     )
     systems = SYSTEMS
     if args.systems != "all":
@@ -691,7 +704,8 @@ def _print_report(args, w, rows, peaks, n_params, wall):
         f"{w.max_length}; sigmoid beta {w.beta}, AdamW lr {w.learning_rate}, clip 1.0; "
         f"ours: padded L multiple of {w.pad_to_multiple_of}, packed {w.pack_rows} x "
         f"{w.pack_row_length}, packed_shared {w.shared_rows} x {2 * w.max_length}, "
-        f"memory_efficient log-probs {w.memory_efficient}"
+        f"memory_efficient log-probs {w.memory_efficient} (head only where scored: "
+        f"{w.memory_efficient and w.scored_only})"
     )
     print(
         f"timing: 1 warm-up step, then {args.rounds} rounds x {args.steps} timed step(s), "
