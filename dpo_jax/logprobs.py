@@ -15,9 +15,9 @@ Two ways to get token log-probs:
     forward nor the backward pass holds [B, L, V] in memory. With V = 128k this is most of
     the activation memory of a DPO step (see experiments/logprobs_memory/README.md).
     Given `loss_mask`, it runs the head only at the positions whose next token is scored
-    (response tokens): each row's scored positions are gathered to its front and the
-    chunks past the longest row's count are skipped, forward and backward (DPO's sums
-    never read the other entries, which it returns as 0).
+    (response tokens): each row's scored positions are gathered to its front (or dealt
+    evenly over groups of rows) and the chunks past the fullest row's count are skipped,
+    forward and backward (DPO's sums never read the other entries, which it returns as 0).
 
 Targets outside [0, V) give NaN at their entry (never a silently wrong number); at
 unscored entries the masked helpers below drop it without touching values or gradients.
