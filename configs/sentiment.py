@@ -167,10 +167,14 @@ def get_config(arg=None):
     c.train.optimizer = optimizer_config(
         name="adamw", learning_rate=3e-4, warmup_steps=10, schedule="constant", max_grad_norm=1.0
     )
-    c.methods = methods(dpo_betas=(0.05, 0.1, 1.0, 5.0), unlikelihood_alphas=(0.05, 0.1, 0.5, 1.0))
     # PPO runs (stage ppo): train.steps iterations of train.batch_size prompts each, with the
-    # runs' optimizer; the paper sweeps target KLs (3, 6, 9, 12) through `methods(...,
-    # ppo_kl_targets=)`. Off in small and full until they are run and tuned (issue 11).
+    # runs' optimizer, at the paper's target KLs (3, 6, 9, 12 nats), on a reward model
+    # trained on the same pairs (PPO) and on the ground-truth reward (PPO-GT).
+    c.methods = methods(
+        dpo_betas=(0.05, 0.1, 1.0, 5.0),
+        unlikelihood_alphas=(0.05, 0.1, 0.5, 1.0),
+        ppo_kl_targets=(3.0, 6.0, 9.0, 12.0),
+    )
     c.ppo = ml_collections.ConfigDict()
     c.ppo.rm_steps = 160  # learned reward: Bradley-Terry steps on the pairs, from SFT
     c.ppo.epochs = 4  # passes over each rollout batch
