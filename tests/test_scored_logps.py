@@ -2,8 +2,8 @@
 loss_mask=)` and `ScoringOptions.scored_only` against the full paths, values and gradients.
 
 The full paths are the chunked path over every position and the `[N, L, V]` logits path;
-float32, 1e-5, padded and packed batches, policy (gradients) and reference (values), with
-vocabulary blocks that do not divide the vocabulary.
+float32, 1e-5, padded and packed batches (and prompt-shared rows for the reference),
+policy (gradients) and reference (values), vocabulary blocks that do not divide V.
 """
 
 import dataclasses
@@ -17,6 +17,7 @@ import pytest
 import train_testlib as lib
 
 from dpo_jax import logprobs, losses
+from dpo_jax.data import shared_prompts
 from dpo_jax.train import defaults, scoring, steps
 from dpo_jax.train import state as train_state
 
@@ -156,9 +157,19 @@ SCORED_ONLY = scoring.ScoringOptions(True, chunk_size=5, vocab_chunk_size=24, sc
 BALANCED = dataclasses.replace(SCORED_ONLY, scored_row_groups=1)
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+def _shared_batch(pairs):
+    """Prompt sharing (layout packed_shared): 8 rows of 2 L holding the 5 pairs."""
+    plan = shared_prompts.plan_shared_packing(pairs, num_rows=8, row_length=2 * lib.L, max_pairs=8)
+    assert not plan.leftover
+    return shared_prompts.shared_batch(pairs, plan, row_length=2 * lib.L, max_pairs=8)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed_shared"])
 def test_reference_pair_logps_equal_the_full_paths(model, reference, padded, packed, layout):
-    batch = {"padded": padded, "packed": packed}[layout]
+    if layout == "packed_shared":
+        batch = _shared_batch(lib.random_pairs(5))
+    else:
+        batch = {"padded": padded, "packed": packed}[layout]
     score = jax.jit(scoring.pair_logps, static_argnames=("model", "options"))
     want = score(reference, batch, model=model, options=FULL_LOGITS)
     assert np.all(np.asarray(want)[:5] < 0) and np.all(np.asarray(want)[5:] == 0)
