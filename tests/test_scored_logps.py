@@ -256,3 +256,35 @@ def test_config_key_reaches_the_options():
         config.dpo.logps_scored_row_groups = -2
     with pytest.raises(ValueError, match="logps_scored_row_groups must be >= 0"):
         scoring.ScoringOptions.from_config(config.dpo)
+
+
+def test_sft_and_unpaired_steps_run_the_head_only_where_scored_exactly(model, policy, reference):
+    """The SFT step and the unpaired (KTO) step pass their loss masks too: the same loss
+    and gradients as the full-logits path."""
+    from dpo_jax.data.batching import pad_sequences, pad_unpaired
+    from dpo_jax.data.examples import TokenizedSequence, TokenizedUnpaired
+    from dpo_jax.train import unpaired
+
+    pairs = lib.random_pairs(5, seed=3)
+    seqs = [TokenizedSequence(p.prompt_ids, p.chosen_ids) for p in pairs]
+    sft_batch = pad_sequences(seqs, max_length=lib.L, batch_size=8)
+    examples = [
+        TokenizedUnpaired(p.prompt_ids, p.chosen_ids, bool(i % 2)) for i, p in enumerate(pairs)
+    ]
+    kto_batch = pad_unpaired(examples, max_length=lib.L, batch_size=8)
+    kto = unpaired.UnpairedObjective.create("kto", 0.5)
+    makers = {
+        "sft": lambda o: steps.make_sft_step(model=model, tx=lib.SGD, scoring=o),
+        "kto": lambda o: unpaired.make_unpaired_step(
+            model=model, tx=lib.SGD, objective=kto, scoring=o
+        ),
+    }
+    for name, (batch, ref) in {"sft": (sft_batch, None), "kto": (kto_batch, reference)}.items():
+        results = []
+        for options in (SCORED_ONLY, FULL_LOGITS):
+            state = lib.sgd_state(policy)
+            new_state, metrics = jax.jit(makers[name](options))(state, batch, ref)
+            results.append((lib.grads_of(state, new_state), metrics["loss"]))
+        (got_grads, got_loss), (want_grads, want_loss) = results
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=name)
+        lib.assert_trees_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)

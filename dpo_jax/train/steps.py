@@ -616,8 +616,9 @@ def _sft_step(
 
     def micro_loss(p, mb, k):
         rows = [mb[f] for f in ROW_FIELDS[:3]]
-        token_logps, _ = scorer.token_logps(p, *rows, rngs={"dropout": k})
-        nll = -jnp.where(sft_mask(mb), token_logps, 0.0).sum()
+        mask = sft_mask(mb)
+        token_logps, _ = scorer.token_logps(p, *rows, rngs={"dropout": k}, loss_mask=mask)
+        nll = -jnp.where(mask, token_logps, 0.0).sum()
         return nll / jnp.maximum(tokens, 1.0)
 
     value_and_grad = jax.value_and_grad(micro_loss)

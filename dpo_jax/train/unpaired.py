@@ -91,8 +91,9 @@ def sequence_logps(scoring: Scoring, params, batch: Batch, side: int, rngs=None)
     """Log-prob sums `[B]` float32 of one side of an unpaired batch (0 = the examples, 1 = the
     KL sequences)."""
     rows = [batch[f][:, side] for f in ROW_FIELDS[:3]]
-    token_logps, _ = scoring.token_logps(params, *rows, rngs=rngs)
-    return logprobs.masked_sum(token_logps, batch["loss_mask"][:, side])
+    mask = batch["loss_mask"][:, side]
+    token_logps, _ = scoring.token_logps(params, *rows, rngs=rngs, loss_mask=mask)
+    return logprobs.masked_sum(token_logps, mask)
 
 
 def _constants(scoring: Scoring, objective: UnpairedObjective, params, reference, batch):
