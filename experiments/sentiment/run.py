@@ -527,6 +527,7 @@ def ppo_run_fields(config, c, method: dict) -> None:
     c.ppo.epochs = config.ppo.epochs
     c.ppo.num_minibatches = config.ppo.num_minibatches
     c.ppo.kl_coef = config.ppo.kl_coef
+    c.ppo.kl_horizon = config.ppo.kl_horizon
     c.ppo.kl_target = hparams["kl_target"]
     c.ppo.reward = hparams["reward"]
     if hparams["reward"] == "learned":
