@@ -174,7 +174,10 @@ def test_only_the_full_forward_calls_the_kernel():
 
 
 def test_validate_names_the_attention_key():
-    expected = "config.model.attention='flash': expected one of ('xla', 'dot_product', 'splash')"
+    expected = (
+        "config.model.attention='flash': expected one of "
+        "('xla', 'dot_product', 'splash', 'blocked')"
+    )
     assert expected in _problems(_tiny(**{"model.attention": "flash"}))
 
 

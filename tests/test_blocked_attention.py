@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_attention_impls import check_against_xla, packed_batch
 
 from dpo_jax import parallel
-from dpo_jax.models import attention
+from dpo_jax.models import ModelConfig, attention
 from dpo_jax.models.blocked_attention import blocked_attention, make_schedule
 
 
@@ -169,6 +170,14 @@ def test_under_a_mesh_runs_per_shard_and_equals_the_unsharded_call():
         assert "shard_map" in str(jax.make_jaxpr(blocked)(q, k, v, *ints))
         actual = outputs_and_grads(lambda q, k, v: blocked(q, k, v, *ints), q, k, v, seg)
     assert_same(actual, expected, seg, FLOAT32)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_config_blocked_equals_xla_through_the_model(family):
+    """attention="blocked" in a 1-layer model on packed rows of 256 (segments of 64 to 128
+    tokens, so the 64-token blocks skip across them): logits and parameter gradients."""
+    config = ModelConfig.tiny(family, num_layers=1)
+    check_against_xla(config, "blocked", packed_batch(256))
 
 
 def block_pairs(schedule):

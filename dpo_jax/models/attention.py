@@ -1,4 +1,4 @@
-"""Self-attention kernels behind `ModelConfig.attention`: one math, three implementations.
+"""Self-attention kernels behind `ModelConfig.attention`: one math, four implementations.
 
     out = IMPLEMENTATIONS[config.attention](
         q, k, v, segment_ids, positions, sliding_window=None, prefix_segment_ids=None)
@@ -27,6 +27,10 @@ prompt in one segment and each response in its own segment naming the prompt's.
   (refused at trace time; `validate` refuses the config). It tiles L in blocks of
   128 or more (`SPLASH_BLOCKS`): other lengths are padded up to a multiple of 128 for the
   call (wasted work: prefer such lengths). On CPU it runs in Pallas interpret mode.
+- "blocked": `blocked_attention.blocked_attention`, pure JAX: 64-token blocks, visiting
+  only the key blocks the segments (and prefixes) leave visible, found per row at run
+  time; online softmax and a flash-attention custom VJP. Cost follows the real segment
+  lengths: the one to use for packed rows on CPU. Padding queries come out 0.
 
 Padding (segment 0) differs only where nothing reads it: "xla" masks padding queries out
 entirely, the fused kernels let padding attend to earlier padding (a kernel's softmax row
@@ -45,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from dpo_jax.models.blocked_attention import blocked_attention
 
 _NEG_INF = float(np.finfo(np.float32).min)
 
@@ -262,4 +268,5 @@ IMPLEMENTATIONS = {
     "xla": xla_attention,
     "dot_product": dot_product_attention,
     "splash": splash_attention,
+    "blocked": blocked_attention,
 }

@@ -33,8 +33,9 @@ REMAT_POLICIES = (
     "offload_dots_with_no_batch_dims",
 )
 # Self-attention kernel (dpo_jax.models.attention): the [L, L] einsum, jax.nn's
-# dot_product_attention, or the Pallas TPU splash kernel. Same math, same values.
-ATTENTION_IMPLS = ("xla", "dot_product", "splash")
+# dot_product_attention, the Pallas TPU splash kernel, or blocks skipping what the segments
+# mask. Same math, same values.
+ATTENTION_IMPLS = ("xla", "dot_product", "splash", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,10 @@ class ModelConfig:
         [num_layers] axis, logical name "layers"): compile time independent of depth.
         Params then have another layout (`decoder.stack_layers` / `unstack_layers`).
       attention: self-attention kernel of the full forward, one of ATTENTION_IMPLS: "xla"
-        (einsum over [L, L] scores), "dot_product" (jax.nn.dot_product_attention) or
+        (einsum over [L, L] scores), "dot_product" (jax.nn.dot_product_attention),
         "splash" (Pallas TPU splash attention, blockwise; no sliding_window; lengths padded
-        to a multiple of 128 for it). KV-cache decoding always uses the einsum.
+        to a multiple of 128 for it) or "blocked" (pure JAX, 64-token blocks, only those the
+        segments leave visible: packed rows on CPU). KV-cache decoding always uses the einsum.
       initializer_range: std of the normal init of kernels and embeddings.
       extra: hashable tuple of (key, value) pairs copied verbatim into exported configs
         (bos/eos token ids and the like); never affects the math.

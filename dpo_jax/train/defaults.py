@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     # (32 layers compile several times faster); params get a leading [num_layers] axis.
     c.model.scan_layers = False
     # Attention kernel: xla (einsum) | dot_product (jax.nn.dot_product_attention) | splash
-    # (Pallas TPU kernel, 128-token blocks; no sliding window). Same values, same gradients.
+    # (Pallas TPU kernel, 128-token blocks; no sliding window) | blocked (skips the blocks
+    # packing masks out; pure JAX, fast on CPU). Same values, same gradients.
     c.model.attention = "xla"
 
     # --- Data ----------------------------------------------------------------------------
