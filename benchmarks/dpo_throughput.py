@@ -78,6 +78,10 @@ class Workload:
     # ... with the head only at positions whose next token is scored, dealt evenly over the
     # rows of the batch (one device: one row group) in chunks of 64 positions.
     scored_only: bool = True
+    # Ours: the attention kernel (`ModelConfig.attention`): "blocked" visits only the blocks
+    # the segment mask leaves visible (padding, packing and prompt sharing); "xla" is the
+    # einsum over full [L, L] scores. The same values and gradients.
+    attention: str = "blocked"
     logps_chunk_size: int = 64
 
 
@@ -202,7 +206,7 @@ class Ours:
 
         t0 = time.perf_counter()
         self.jax = jax
-        model, params = from_hf(model_dir, dtype=w.dtype)
+        model, params = from_hf(model_dir, dtype=w.dtype, attention=w.attention)
         scoring = ScoringOptions(
             memory_efficient=w.memory_efficient,
             chunk_size=w.logps_chunk_size,
@@ -607,6 +611,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--full-logits", action="store_true", help="ours: [N, L, V] logits path")
     p.add_argument("--all-positions", action="store_true", help="ours: the head at every position")
+    p.add_argument(
+        "--attention",
+        choices=("blocked", "xla"),
+        default="blocked",
+        help="ours: attention kernel (blocked skips the masked blocks; xla: full [L, L])",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 1, 1
@@ -622,6 +632,7 @@ def main(argv=None, workload: Workload | None = None):
         dtype=args.dtype,
         memory_efficient=not args.full_logits,
         scored_only=not args.all_positions,
+        attention=args.attention,
     )
     systems = SYSTEMS
     if args.systems != "all":
@@ -679,6 +690,7 @@ def main(argv=None, workload: Workload | None = None):
                 "layout": s.layout,
                 "reference": s.reference,
                 "dtype": args.dtype,
+                "attention": w.attention if s.framework == "ours" else "transformers default",
                 **summarize(timed[s], peak, pair_tokens),
                 **finish[s],
                 **setup[s],

@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     # Rematerialisation of each block in the backward pass (memory for compute): none | full
     # | dots_saveable | dots_with_no_batch_dims_saveable (keep matmul results, recompute the
-    # rest); True / False mean full / none. Any type, so configs may keep the boolean form.
+    # rest) | offload_dots_with_no_batch_dims (keep the projections in pinned host memory);
+    # True / False mean full / none. Any type, so configs may keep the boolean form.
     c.model.remat = config_dict.FieldReference(False, field_type=object)
     # Run the blocks as one nn.scan over stacked params: compile time independent of depth
     # (32 layers compile several times faster); params get a leading [num_layers] axis.
