@@ -116,7 +116,10 @@ def test_sampled_logps_equal_teacher_forced(llama):
     dist = sampling_distribution(logits, **SAMPLING)
     logps = np.take_along_axis(dist, out.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.model_logps, model_logps, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out.logps, logps, atol=1e-5, rtol=0)
+    # The sampling distribution divides the logits by T = 0.7, which scales their float32
+    # rounding (decode vs full forward) by 1/T: 1e-5 relative, as every float32 parity here
+    # (measured: 1.2e-5 absolute at a log-prob of -2.8 on one processor, under 1e-5 on another).
+    np.testing.assert_allclose(out.logps, logps, atol=1e-5, rtol=1e-5)
     # Truncation really removed mass (else the distributions would only differ by 1/T).
     kept = np.isfinite(dist).sum(-1)
     assert kept.min() < 40 and (kept < 256).all()
