@@ -388,12 +388,19 @@ def packed_batch(
             start += n
     if len(plan.packed) > max_pairs:
         raise ValueError(f"packing plan holds {len(plan.packed)} pairs > max_pairs={max_pairs}")
-    batch["pair_mask"] = (np.arange(max_pairs) < len(plan.packed)).astype(np.int32)
-    if ref_logps is not None:
-        ref = check_ref_logps(ref_logps, len(seqs))
-        batch["ref_logps"] = np.zeros((max_pairs, 2), np.float32)
-        batch["ref_logps"][: len(plan.packed)] = ref[plan.packed]
+    add_pair_slots(batch, plan.packed, max_pairs, ref_logps, len(seqs))
     return batch
+
+
+def add_pair_slots(batch: dict, packed: list[int], max_pairs: int, ref_logps, num_pairs: int):
+    """The per-pair fields of a packed batch whose slot b holds input pair packed[b]:
+    pair_mask [max_pairs], and with `ref_logps` ([num_pairs, 2] aligned with the input
+    pairs) batch["ref_logps"][b] = ref_logps[packed[b]], zeros for empty slots."""
+    batch["pair_mask"] = (np.arange(max_pairs) < len(packed)).astype(np.int32)
+    if ref_logps is not None:
+        ref = check_ref_logps(ref_logps, num_pairs)
+        batch["ref_logps"] = np.zeros((max_pairs, 2), np.float32)
+        batch["ref_logps"][: len(packed)] = ref[packed]
 
 
 # ----------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dpo_jax.data.batching import _empty_token_arrays, _pair_sequences, check_ref_logps
+from dpo_jax.data.batching import _empty_token_arrays, _pair_sequences, add_pair_slots
 from dpo_jax.data.examples import TokenizedPair
 
 
@@ -151,9 +151,5 @@ def shared_batch(
                 batch["slot_ids"][where] = 2 * slot + side
                 batch["loss_mask"][r, start + 1 : start + n] = 1
                 start += n
-    batch["pair_mask"] = (np.arange(max_pairs) < len(plan.packed)).astype(np.int32)
-    if ref_logps is not None:
-        ref = check_ref_logps(ref_logps, len(seqs))
-        batch["ref_logps"] = np.zeros((max_pairs, 2), np.float32)
-        batch["ref_logps"][: len(plan.packed)] = ref[plan.packed]
+    add_pair_slots(batch, plan.packed, max_pairs, ref_logps, len(seqs))
     return batch
