@@ -61,17 +61,35 @@ def test_tiny_pipeline_writes_the_frontier_and_a_rerun_skips_finished_stages(tmp
     steps = list(range(t.eval_every, t.steps + 1, t.eval_every))
     want = [("sft", 0)] + [(m["run"], s) for m in config.methods for s in steps]
     want += [(f"best_of_{n}", 0) for n in e.best_of_n]
+    assert sentiment.learned_reward_run(config) is not None  # tiny has a learned-reward PPO run
+    want += [(f"best_of_{n}_rm", 0) for n in e.best_of_n]
     assert [(r["run"], int(r["step"])) for r in rows] == want
     for r in rows:
         assert 0.0 <= float(r["reward"]) <= 1.0 and math.isfinite(float(r["kl"]))
     sft = rows[0]
     # The SFT model against itself: identical log-probs up to float32 rounding.
     assert sft["method"] == "SFT" and abs(float(sft["kl"])) < 1e-3
-    for r, n in zip(rows[-len(e.best_of_n) :], e.best_of_n, strict=True):
+    k = len(e.best_of_n)
+    for r, n in zip(rows[-2 * k : -k], e.best_of_n, strict=True):
         assert r["method"] == sentiment.BEST_OF_N
         assert float(r["kl"]) == pytest.approx(math.log(n) - (n - 1) / n)
         # Best-of-N from SFT's own samples is never below the mean of those samples.
         assert float(r["reward"]) >= float(sft["reward"]) - 3 * float(sft["reward_stderr"]) - 1e-9
+    # The paper's Best-of-N: the same samples, the reward model's highest score picks.
+    bon = _gz_jsonl(os.path.join(results, "samples", "best_of_n.jsonl.gz"))
+    scores = _gz_jsonl(os.path.join(results, "samples", "best_of_n_rm_scores.jsonl.gz"))
+    assert [(s["prompt_index"], s["sample_index"]) for s in scores] == [
+        (s["prompt_index"], s["sample_index"]) for s in bon
+    ]
+    assert all(math.isfinite(s["rm_score"]) for s in scores)
+    rewards = np.array([s["reward"] for s in bon]).reshape(e.best_of_n_prompts, -1)
+    picks = np.array([s["rm_score"] for s in scores]).reshape(rewards.shape)
+    for r, n in zip(rows[-k:], e.best_of_n, strict=True):
+        assert r["method"] == sentiment.BEST_OF_N_RM
+        assert float(r["kl"]) == pytest.approx(math.log(n) - (n - 1) / n)
+        groups = picks.reshape(len(picks), -1, n).argmax(-1)
+        chosen = np.take_along_axis(rewards.reshape(len(rewards), -1, n), groups[..., None], -1)
+        assert float(r["reward"]) == pytest.approx(chosen.mean())
 
     # Every number has its samples; the rewards recompute from them.
     for m in config.methods:
@@ -149,6 +167,14 @@ def test_best_of_n_takes_the_best_of_disjoint_groups_with_the_analytic_kl():
     assert rows[1]["reward_stderr"] == pytest.approx(np.std([0.6, 0.55], ddof=1) / np.sqrt(2))
     assert [r["kl"] for r in rows] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
     assert [r["run"] for r in rows] == ["best_of_1", "best_of_2", "best_of_4"]
+    # Picked by another score (a reward model's): its best sample's reward counts. Reversed
+    # scores pick the worst sample of each group.
+    rows = sentiment.best_of_n_rows(rewards, (2, 4), -rewards, sentiment.BEST_OF_N_RM)
+    # N=2: (0.1, 0.2) -> 0.15; (0.4, 0.0) -> 0.2. N=4: 0.1; 0.0.
+    assert [r["reward"] for r in rows] == pytest.approx([0.175, 0.05])
+    assert [r["run"] for r in rows] == ["best_of_2_rm", "best_of_4_rm"]
+    assert {r["method"] for r in rows} == {sentiment.BEST_OF_N_RM}
+    assert [r["kl"] for r in rows] == pytest.approx([math.log(2) - 0.5, math.log(4) - 0.75])
 
 
 def test_prefixes_are_2_to_8_tokens_and_prefix_plus_rest_is_the_review(tmp_path):

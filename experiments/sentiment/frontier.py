@@ -20,9 +20,12 @@ METHOD_ORDER = (
     "Preferred-FT",
     "Unlikelihood",
     "Best-of-N (oracle)",
+    "Best-of-N (learned RM)",
     "IPO",
     "cDPO",
     "SimPO",
+    "PPO",
+    "PPO-GT",
 )
 COLOURS = {
     "SFT": "black",
@@ -30,9 +33,12 @@ COLOURS = {
     "Preferred-FT": "tab:blue",
     "Unlikelihood": "tab:green",
     "Best-of-N (oracle)": "tab:gray",
+    "Best-of-N (learned RM)": "tab:olive",
     "IPO": "tab:orange",
     "cDPO": "tab:purple",
     "SimPO": "tab:brown",
+    "PPO": "tab:pink",
+    "PPO-GT": "tab:cyan",
 }
 NUMERIC = ("step", "reward", "reward_stderr", "kl", "kl_stderr")
 

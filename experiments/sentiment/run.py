@@ -63,6 +63,7 @@ CSV_COLUMNS = (
     "kl_stderr",
 )
 BEST_OF_N = "Best-of-N (oracle)"
+BEST_OF_N_RM = "Best-of-N (learned RM)"
 
 # Named for the package, so that the console filter of dpo_jax.cli shows its lines.
 log = logging.getLogger("dpo_jax.experiments.sentiment")
@@ -584,19 +585,27 @@ def frontier_row(run, method, hyperparameter, step, metrics: dict) -> dict:
     }
 
 
-def best_of_n_rows(rewards: np.ndarray, ns) -> list[dict]:
+def best_of_n_rows(
+    rewards: np.ndarray, ns, picks: np.ndarray | None = None, method: str = BEST_OF_N
+) -> list[dict]:
     """Best-of-N from `rewards` [P, M] (M samples of each of P prompts, M >= max(ns)).
 
-    For each N the M samples of a prompt form M // N disjoint groups; a group's value is its
-    highest reward (the oracle picks by the ground truth itself). Reward = mean over prompts of
-    the per-prompt mean over groups, stderr over prompts. KL(best-of-N || SFT) is the
-    analytic log N - (N - 1) / N used since Stiennon et al. 2020 (arXiv 2009.01325), an upper
-    bound on the true KL (Beirami et al. 2024, arXiv 2401.01879), with no sampling error.
+    For each N the M samples of a prompt form M // N disjoint groups; a group's value is the
+    reward of its sample with the highest `picks` score ([P, M]; default the reward itself:
+    the oracle; the learned reward model's scores: the paper's Best-of-N). Reward = mean over
+    prompts of the per-prompt mean over groups, stderr over prompts. KL(best-of-N || SFT) is
+    the analytic log N - (N - 1) / N used since Stiennon et al. 2020 (arXiv 2009.01325), an
+    upper bound on the true KL (Beirami et al. 2024, arXiv 2401.01879), with no sampling
+    error; it holds for any picking score without ties.
     """
+    picks = rewards if picks is None else picks
+    suffix = "" if method == BEST_OF_N else "_rm"
     rows = []
     for n in ns:
-        groups = rewards[:, : rewards.shape[1] // n * n].reshape(rewards.shape[0], -1, n)
-        per_prompt = groups.max(axis=-1).mean(axis=-1)
+        used = rewards.shape[1] // n * n
+        groups = rewards[:, :used].reshape(rewards.shape[0], -1, n)
+        best = picks[:, :used].reshape(groups.shape).argmax(axis=-1)[..., None]
+        per_prompt = np.take_along_axis(groups, best, axis=-1)[..., 0].mean(axis=-1)
         stderr = float(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
         metrics = {
             "reward_mean": float(per_prompt.mean()),
@@ -604,8 +613,65 @@ def best_of_n_rows(rewards: np.ndarray, ns) -> list[dict]:
             "kl_mean": math.log(n) - (n - 1) / n,
             "kl_stderr": 0.0,
         }
-        rows.append(frontier_row(f"best_of_{n}", BEST_OF_N, f"N={n}", 0, metrics))
+        rows.append(frontier_row(f"best_of_{n}{suffix}", method, f"N={n}", 0, metrics))
     return rows
+
+
+def learned_reward_run(config) -> dict | None:
+    """The first PPO run on a learned reward: its `rm` stage's reward model (the same for
+    every such run: same pairs, seed and steps) also picks the paper's Best-of-N."""
+    ppo = (m for m in config.methods if m["stage"] == "ppo")
+    return next((m for m in ppo if m["hparams"]["reward"] == "learned"), None)
+
+
+def reward_model_scores(config, p: Paths, samples: list[dict]) -> np.ndarray:
+    """The learned reward model's score [S] of each sample (prompt + completion text),
+    tokenized as its `rm` stage tokenized the pairs (EOS appended, the run's truncation);
+    -inf for a sample the tokenizer refuses (an empty completion), so that it is never
+    picked over a real one."""
+    from dpo_jax import models
+    from dpo_jax.data.examples import RecordError, SFTExample
+    from dpo_jax.data.tokenize import TokenizeConfig, load_tokenizer, pad_id_of, tokenize_sequence
+    from dpo_jax.evaluation import inputs as eval_inputs
+    from dpo_jax.models import reward as reward_model
+
+    method = learned_reward_run(config)
+    data = method_run_config(config, p, method).data
+    rm_dir = os.path.join(p.run(method["run"]), "checkpoints", "rm")
+    last = eval_inputs.checkpoint_steps(rm_dir)[-1]
+    params = eval_inputs.restore_params(os.path.join(rm_dir, str(last)))
+    lm, _ = models.from_hf(p.sft_hf, dtype=config.model.dtype)
+    model = reward_model.RewardModel(reward_model.trunk_config(lm.config))
+    tokenizer = load_tokenizer(p.sft_hf)
+    tokenize = TokenizeConfig(
+        mode=data.tokenize_mode,
+        max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length,
+        truncation_mode=data.truncation_mode,
+    )
+    L, pad = data.max_length, pad_id_of(tokenizer)
+    tokens = np.full((len(samples), L), pad, np.int32)
+    segment_ids = np.zeros((len(samples), L), np.int32)
+    valid = np.ones(len(samples), bool)
+    for i, s in enumerate(samples):
+        try:
+            seq = tokenize_sequence(SFTExample(s["prompt"], s["completion"]), tokenizer, tokenize)
+        except RecordError:
+            valid[i] = False
+            continue
+        ids = list(seq.prompt_ids) + list(seq.completion_ids)
+        tokens[i, : len(ids)], segment_ids[i, : len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(L, dtype=np.int32), tokens.shape)
+    score = jax.jit(lambda rows: model.apply({"params": params}, *rows))
+    batch = config.eval.kl_batch_size
+    rows = (tokens, positions, segment_ids)
+    out = np.concatenate(
+        [
+            np.asarray(score(tuple(x[i : i + batch] for x in rows)))
+            for i in range(0, len(samples), batch)
+        ]
+    )
+    return np.where(valid, out, -np.inf)
 
 
 def save_evaluation(p: Paths, name: str, rows: list[dict], samples: list[dict]) -> None:
@@ -680,6 +746,18 @@ def stage_evaluate(config, p: Paths) -> None:
         )
         rewards = np.array([s["reward"] for s in samples]).reshape(len(few.ids), most)
         save_evaluation(p, "best_of_n", best_of_n_rows(rewards, e.best_of_n), samples)
+    if learned_reward_run(config) is not None and not evaluated(p, "best_of_n_rm"):
+        # The same SFT samples, picked by the reward model the PPO runs optimise.
+        samples = read_jsonl(os.path.join(p.evaluation("best_of_n"), "samples.jsonl"))
+        scores = reward_model_scores(config, p, samples)
+        shape = (len(samples) // max(e.best_of_n), max(e.best_of_n))
+        rewards = np.array([s["reward"] for s in samples]).reshape(shape)
+        rows = best_of_n_rows(rewards, e.best_of_n, scores.reshape(shape), BEST_OF_N_RM)
+        scored = [
+            {k: s[k] for k in ("prompt_index", "sample_index")} | {"rm_score": float(x)}
+            for s, x in zip(samples, scores, strict=True)
+        ]
+        save_evaluation(p, "best_of_n_rm", rows, scored)
 
 
 # ------------------------------------------------------------------------------------------
@@ -688,11 +766,13 @@ def stage_evaluate(config, p: Paths) -> None:
 
 
 def collect_rows(config, p: Paths) -> list[dict]:
-    """Every frontier row, in order: SFT, each run by step, Best-of-N."""
+    """Every frontier row, in order: SFT, each run by step, Best-of-N (oracle, learned RM)."""
     names = ["sft/step_0"]
     for m in config.methods:
         names += [f"{m['run']}/step_{s}" for s in checkpoint_steps(p, m)]
     names.append("best_of_n")
+    if learned_reward_run(config) is not None:
+        names.append("best_of_n_rm")
     rows = []
     for name in names:
         rows += read_json(os.path.join(p.evaluation(name), "rows.json"))
@@ -724,6 +804,9 @@ def stage_report(config, p: Paths) -> None:
         write_gzip_jsonl(os.path.join(samples_dir, f"{run}.jsonl.gz"), records)
     bon = read_jsonl(os.path.join(p.evaluation("best_of_n"), "samples.jsonl"))
     write_gzip_jsonl(os.path.join(samples_dir, "best_of_n.jsonl.gz"), bon)
+    if learned_reward_run(config) is not None:  # the reward model's score of each of them
+        scores = read_jsonl(os.path.join(p.evaluation("best_of_n_rm"), "samples.jsonl"))
+        write_gzip_jsonl(os.path.join(samples_dir, "best_of_n_rm_scores.jsonl.gz"), scores)
     pairs = read_jsonl(os.path.join(p.pairs, "samples.jsonl"))
     write_gzip_jsonl(os.path.join(samples_dir, "pairs_sft_samples.jsonl.gz"), pairs)
     print(table, flush=True)
@@ -734,7 +817,8 @@ def final_summary(rows: list[dict]) -> str:
     """Each trained run's last evaluated checkpoint next to the SFT model it started from."""
     last = {}
     for row in rows:
-        if row["method"] != BEST_OF_N and row["step"] >= last.get(row["run"], row)["step"]:
+        best_of_n = row["method"].startswith("Best-of-N")
+        if not best_of_n and row["step"] >= last.get(row["run"], row)["step"]:
             last[row["run"]] = row
     lines = ["Held-out prefixes, mean ground-truth reward and KL(policy || SFT), +- stderr:"]
     for row in last.values():
