@@ -180,6 +180,12 @@ def get_config(arg=None):
     c.ppo.epochs = 4  # passes over each rollout batch
     c.ppo.num_minibatches = 1  # updates per pass
     c.ppo.kl_coef = 0.05  # initial beta_KL (then adapted toward the run's target KL)
+    # The policy's learning rate in PPO (the reward model trains with train.optimizer's).
+    # A tenth of the other methods': at their 3e-4 (4 epochs per rollout batch) every PPO
+    # run passed KL 8-19 by its first checkpoint, faster than the controller could react,
+    # and no PPO point lay below KL 8 (the first committed PPO run, README); at 3e-5 the
+    # runs cross KL 0-12 over the 160 iterations. The only PPO setting chosen by trying.
+    c.ppo.learning_rate = 3e-5
     # Samples over which beta_KL moves by at most 20% (Ziegler et al.'s controller). TRL's
     # 10000 is for runs of 10^5+ samples: over this run's 160 x 32 = 5120 it moves beta_KL by
     # under 10% (measured: targets 3-12 all ended at 0.053-0.055, KL 12-20), i.e. no
@@ -247,6 +253,7 @@ def _full(c):
     # The paper's DPO optimizer (configs/imdb_gpt2_large.py).
     c.train.optimizer = optimizer_config(name="rmsprop", learning_rate=1e-6, warmup_steps=150)
     c.ppo.kl_horizon = 10000  # TRL's default: 1000 iterations x 64 samples
+    c.ppo.learning_rate = 1e-6  # the DPO runs' (the paper's PPO learning rate is not given)
     c.eval.num_prompts = 512
     c.eval.samples_per_prompt = 1
     c.eval.batch_size = 64

@@ -530,6 +530,7 @@ def ppo_run_fields(config, c, method: dict) -> None:
     c.ppo.kl_coef = config.ppo.kl_coef
     c.ppo.kl_horizon = config.ppo.kl_horizon
     c.ppo.kl_target = hparams["kl_target"]
+    c.ppo.optimizer.learning_rate = config.ppo.learning_rate
     c.ppo.reward = hparams["reward"]
     if hparams["reward"] == "learned":
         c.stages = ("rm", "ppo")
