@@ -141,23 +141,44 @@ def _if_live(live, k, compute, skipped):
     return lax.cond(k < live, compute, skipped)
 
 
-def _chunked_logps_fwd(h, w, targets, live, vc):
+def _chunk_forward_kept(h, targets, w):
+    """One sequence chunk over the whole vocabulary at once: (logps [B, c], lse [B, c],
+    logits [B, c, V] float32), the logits kept for the backward pass."""
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = (targets >= 0) & (targets < w.shape[1])
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, picked - lse, jnp.nan), lse, logits
+
+
+def _chunked_logps_fwd(h, w, targets, live, vc, keep_logits):
     def chunk(xs):
         k, h_c, targets_c = xs
         zeros = jnp.zeros(targets_c.shape, jnp.float32)
+        if keep_logits:
+            no_logits = jnp.zeros((*targets_c.shape, w.shape[1]), jnp.float32)
+            return _if_live(
+                live,
+                k,
+                lambda: _chunk_forward_kept(h_c, targets_c, w),
+                lambda: (zeros, zeros, no_logits),
+            )
         return _if_live(
             live, k, lambda: _chunk_forward(h_c, targets_c, w, vc), lambda: (zeros, zeros)
         )
 
-    logps, lse = lax.map(chunk, (jnp.arange(h.shape[0]), h, targets))
-    return logps, (h, w, targets, live, lse)
+    out = lax.map(chunk, (jnp.arange(h.shape[0]), h, targets))
+    logps, lse, logits = out if keep_logits else (*out, None)
+    return logps, (h, w, targets, live, lse, logits)
 
 
-def _chunked_logps_bwd(vc, residuals, g):
-    h, w, targets, live, lse = residuals
+def _chunked_logps_bwd(vc, keep_logits, residuals, g):
+    h, w, targets, live, lse, logits = residuals
     compute_dtype = jnp.result_type(h, w)
     # Invalid targets gave a constant NaN: no gradient flows from them.
     g = jnp.where((targets >= 0) & (targets < w.shape[1]), g, 0.0).astype(jnp.float32)
+    if keep_logits:
+        return _kept_logits_bwd(h, w, targets, live, lse, logits, g, compute_dtype)
 
     # Vocab blocks outside, sequence chunks inside: each block's d unembed is accumulated in
     # float32 at [D, vc] only, then written once into a [D, V] buffer of w's dtype.
@@ -199,11 +220,35 @@ def _chunked_logps_bwd(vc, residuals, g):
     return dh.astype(h.dtype), dw, None, None
 
 
-# vc (vocab chunk) is a static Python int, hence a nondiff argument. live: None (every
-# chunk) or an int32 scalar, the number of leading chunks to compute (the rest give 0).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_logps(h, w, targets, live, vc):
-    return _chunked_logps_fwd(h, w, targets, live, vc)[0]
+def _kept_logits_bwd(h, w, targets, live, lse, logits, g, compute_dtype):
+    """The backward pass from the kept logits [C, B, c, V]: no head matmul is recomputed."""
+    cols = jnp.arange(w.shape[1])
+
+    def chunk(dw, xs):
+        k, h_c, targets_c, lse_c, g_c, logits_c = xs
+
+        def grads():
+            probs = jnp.exp(logits_c - lse_c[..., None])
+            onehot = (cols == targets_c[..., None]).astype(jnp.float32)
+            dlogits = (g_c[..., None] * (onehot - probs)).astype(compute_dtype)
+            dh_c = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32)
+            return dw + jnp.einsum(
+                "bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32
+            ), dh_c
+
+        return _if_live(live, k, grads, lambda: (dw, jnp.zeros(h_c.shape, jnp.float32)))
+
+    xs = (jnp.arange(h.shape[0]), h, targets, lse, g, logits)
+    dw, dh = lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), xs)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None, None
+
+
+# vc (vocab chunk) is a static Python int and keep_logits a static bool, hence nondiff
+# arguments. live: None (every chunk) or an int32 scalar, the number of leading chunks to
+# compute (the rest give 0).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_logps(h, w, targets, live, vc, keep_logits=False):
+    return _chunked_logps_fwd(h, w, targets, live, vc, keep_logits)[0]
 
 
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
@@ -244,6 +289,7 @@ def token_logps_from_features(
     row_groups=None,
     chunk_size=256,
     vocab_chunk_size=8192,
+    keep_logits=False,
 ):
     """Per-token log-probs from final hidden states, without materialising [B, L, V].
 
@@ -252,7 +298,7 @@ def token_logps_from_features(
     is a few float32 [B, chunk_size, vocab_chunk_size] blocks, a float32 [B, L, D] hidden
     gradient and the [D, V] unembed gradient (in unembed's dtype), instead of several
     float32 [B, L, V] arrays. Compute: the logits are computed twice (once more in the
-    backward pass), like rematerialisation.
+    backward pass), like rematerialisation, unless `keep_logits`.
 
     With `loss_mask`, the head runs only where it is needed: each row's scored entries are
     gathered to its front (in order; positions t-1 for the entries t with loss_mask = 1),
@@ -279,6 +325,12 @@ def token_logps_from_features(
       vocab_chunk_size: vocabulary columns per block (online logsumexp over blocks); need
         not divide V. None = whole vocabulary at once, which keeps a float32 [D, V]
         gradient accumulator (and, if unembed is sharded over vocab, avoids slicing it).
+      keep_logits: under differentiation, keep every chunk's float32 logits [c, V] (the
+        whole vocabulary at once; vocab_chunk_size is ignored) for the backward pass instead
+        of recomputing them: one head matmul fewer (of the forward's one and the backward's
+        three) for float32 [chunks x rows x chunk_size, V] of memory, e.g. 0.4 GB for
+        3,072 positions of a 32,000-token vocabulary. Worth it where the head is a large
+        share of the step and memory is not short (issue 12's CPU benchmark).
     Returns:
       [B, L] float32, same alignment as `token_logps` (entry 0 = 0); with `loss_mask`, 0
       wherever loss_mask = 0.
@@ -331,8 +383,8 @@ def token_logps_from_features(
     h = h.reshape(rows, num_chunks, c, width).swapaxes(0, 1)
     targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
 
-    vc = vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
-    logps = _chunked_logps(h, unembed, targets, live, vc)  # [C, rows, c]
+    vc = vocab_size if vocab_chunk_size is None or keep_logits else vocab_chunk_size
+    logps = _chunked_logps(h, unembed, targets, live, min(vc, vocab_size), bool(keep_logits))
     logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)
     if loss_mask is None:
         logps = logps[:, :n]

@@ -47,6 +47,9 @@ def scoring_config(c: ml_collections.ConfigDict) -> None:
     # ... balanced over this many contiguous groups of rows (0 = each row alone; 1 = the
     # whole batch, best on one device; under a batch-sharded mesh: the batch shards).
     c.logps_scored_row_groups = 0
+    # Memory-efficient path: keep the chunks' float32 logits for the backward pass instead
+    # of recomputing them (one head matmul fewer; float32 [scored positions, V] of memory).
+    c.logps_keep_logits = False
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -40,6 +40,9 @@ class ScoringOptions:
       follows their mean count rather than the fullest row's. They move across rows: under a
       batch-sharded jit use the number of batch shards (or None); 1 on one device.
       None = every row keeps its own positions.
+    keep_logits: the memory-efficient path keeps each chunk's float32 logits for the
+      backward pass instead of recomputing them (one head matmul fewer per differentiated
+      forward, float32 [scored positions, V] more memory; `logprobs.token_logps_from_features`).
     """
 
     memory_efficient: bool = False
@@ -47,12 +50,13 @@ class ScoringOptions:
     vocab_chunk_size: int | None = 8192
     scored_only: bool = True
     scored_row_groups: int | None = None
+    keep_logits: bool = False
 
     @classmethod
     def from_config(cls, stage_config) -> ScoringOptions:
         """From a stage config's `memory_efficient_logps`, `logps_chunk_size`,
         `logps_vocab_chunk_size` (0 = the whole vocabulary), `logps_scored_only`,
-        `logps_scored_row_groups` (0 = None)."""
+        `logps_scored_row_groups` (0 = None), `logps_keep_logits`."""
         if int(stage_config.logps_scored_row_groups) < 0:
             raise ValueError(
                 f"logps_scored_row_groups must be >= 0 (0 = each row alone), got "
@@ -64,6 +68,7 @@ class ScoringOptions:
             vocab_chunk_size=int(stage_config.logps_vocab_chunk_size) or None,
             scored_only=bool(stage_config.logps_scored_only),
             scored_row_groups=int(stage_config.logps_scored_row_groups) or None,
+            keep_logits=bool(stage_config.get("logps_keep_logits", False)),
         )
 
 
@@ -118,6 +123,7 @@ class Scoring:
                 row_groups=opts.scored_row_groups,
                 chunk_size=opts.chunk_size,
                 vocab_chunk_size=opts.vocab_chunk_size,
+                keep_logits=opts.keep_logits,
             )
             return token_logps, None
         logits = self.model.apply(variables, tokens, **kwargs)
