@@ -1,7 +1,7 @@
 """Evaluate a policy by what it generates: reward, KL to the reference, win rate vs chosen.
 
-A training workdir (its final export <workdir>/hf; or each DPO checkpoint with
---config.checkpoints=all), after e.g. the quickstart:
+A training workdir (its final export <workdir>/hf; or each DPO checkpoint, or PPO's for a
+run with a ppo stage, with --config.checkpoints=all), after e.g. the quickstart:
 
     python -m dpo_jax.main --config=configs/quickstart.py --workdir=/tmp/dpo_quickstart
     python -m dpo_jax.evaluate --config=configs/evaluate.py --workdir=/tmp/dpo_quickstart
@@ -33,7 +33,8 @@ def get_config(arg=None):
 
     # --- What to evaluate ------------------------------------------------------------------
     c.policy_hf_path = ""  # an HF directory to evaluate; empty = the --workdir training run
-    c.checkpoints = "final"  # workdir: final (<workdir>/hf) | latest | all (checkpoints/dpo)
+    # workdir: final (<workdir>/hf) | latest | all (checkpoints/dpo, or checkpoints/ppo)
+    c.checkpoints = "final"
     c.reference_hf_path = ""  # HF directory of the reference; empty = the run's SFT / init
     c.tokenizer = ""  # tokenizer directory; empty = the policy's (or the run's)
 

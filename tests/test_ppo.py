@@ -9,6 +9,7 @@ tests/conftest.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -88,6 +89,36 @@ def test_tiny_ppo_raises_the_reward_of_its_samples(ppo_run):
         assert (after - before) * (r["kl"] - config.ppo.kl_target) > 0, (before, after, r["kl"])
         assert abs(after / before - 1) <= 0.2 * config.ppo.batch_size / config.ppo.kl_horizon + 1e-6
     assert "PPO rollouts: iteration 1 -> 6" in loop.summarize(workdir)
+
+
+def test_the_evaluation_job_reads_a_ppo_workdirs_policy_and_reference(ppo_run):
+    """`dpo_jax.evaluate` on a PPO workdir: every PPO checkpoint's policy (the "policy" half
+    of its {"policy", "value"} params), against the policy PPO started from."""
+    from test_evaluate import tiny_config
+
+    from dpo_jax.evaluation import inputs as eval_inputs
+    from dpo_jax.evaluation import run as eval_run
+
+    workdir, config, final = ppo_run
+    vocab = len(inputs.load_splits(config, workdir).tokenizer)
+    steps = eval_inputs.checkpoint_steps(os.path.join(workdir, "checkpoints", "ppo"))
+    policies = eval_inputs.resolve_policies(tiny_config(), workdir, vocab)
+    assert [p.label for p in policies] == [str(s) for s in steps] and steps[-1] == PPO_STEPS
+    _, last = policies[-1].load()
+    jax.tree.map(np.testing.assert_array_equal, last, jax.device_get(final))
+    model, reference = eval_inputs.load_reference(tiny_config(), workdir, vocab)
+    initial = loop.Devices(config, model, jnp.zeros((1, 1), jnp.int32)).initial_params(
+        None, config.seed
+    )
+    # The same seeded init, jitted in the loop and run eagerly here: equal to the last bit
+    # or two of float32.
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
+    jax.tree.map(close, reference, jax.device_get(initial))
+
+    fields = {"sampling.temperatures": (1.0,), "reward.name": "none", "checkpoints": "latest"}
+    rows = eval_run.run(tiny_config(**fields), workdir)
+    assert [r["checkpoint"] for r in rows] == [str(PPO_STEPS)]
+    assert np.isfinite(rows[0]["kl_mean"]) and rows[0]["kl_mean"] > 0  # PPO moved the policy
 
 
 @pytest.mark.slow

@@ -3,12 +3,14 @@
 The policy is a Hugging Face directory (`config.policy_hf_path`) or, when that is empty,
 the training workdir given on the command line, evaluated at
   checkpoints="final"   its final export <workdir>/hf,
-  checkpoints="latest"  its newest DPO checkpoint <workdir>/checkpoints/dpo/<step>,
-  checkpoints="all"     every saved DPO checkpoint (params only are restored, with orbax).
-The reference is `config.reference_hf_path`, else the workdir's own: the final SFT
-checkpoint when its DPO stage started from SFT, else its starting model (`model.hf_path`,
-or the seeded random init the run began from). The tokenizer and the held-out prompts
-default to the run's too (its export or data tokenizer; its held-out files).
+  checkpoints="latest"  its newest policy checkpoint <workdir>/checkpoints/<stage>/<step>,
+  checkpoints="all"     every saved policy checkpoint (params only are restored, with orbax),
+where <stage> is the run's policy stage: ppo when it has one (its states hold the policy
+and the value model; the policy's params are read), else dpo. The reference is
+`config.reference_hf_path`, else the workdir's own: the final SFT checkpoint when that
+stage started from SFT, else its starting model (`model.hf_path`, or the seeded random
+init the run began from). The tokenizer and the held-out prompts default to the run's too
+(its export or data tokenizer; its held-out files).
 """
 
 from __future__ import annotations
@@ -115,6 +117,17 @@ def _starting_params(train, model, host_params):
     return jax.device_get(parallel.unbox(init["params"]))
 
 
+def policy_stage(train) -> str:
+    """The stage whose checkpoints are a run's policy: "ppo" when it has one, else "dpo"."""
+    return "ppo" if "ppo" in train.stages else "dpo"
+
+
+def restore_policy_params(step_dir: str, stage: str) -> Any:
+    """A policy checkpoint's params: a PPO state's are {"policy", "value"}."""
+    params = restore_params(step_dir)
+    return params["policy"] if stage == "ppo" else params
+
+
 def resolve_policies(config, workdir: str, vocab_size: int) -> list[Policy]:
     """The policies to evaluate, in order (see the module docstring); loaded lazily."""
     if config.policy_hf_path:
@@ -130,19 +143,21 @@ def resolve_policies(config, workdir: str, vocab_size: int) -> list[Policy]:
                 "export_hf=False); set config.checkpoints='latest' or 'all'"
             )
         return [Policy("final", lambda: models.from_hf(path, dtype=config.dtype))]
-    directory = os.path.join(workdir, "checkpoints", "dpo")
+    train = train_config(workdir)
+    stage = policy_stage(train)
+    directory = os.path.join(workdir, "checkpoints", stage)
     steps = checkpoint_steps(directory)
     if not steps:
         raise FileNotFoundError(
-            f"{directory}: no checkpoint (no <step>/state directories); has the DPO stage of "
-            f"this run saved one yet?"
+            f"{directory}: no checkpoint (no <step>/state directories); has the "
+            f"{stage.upper()} stage of this run saved one yet?"
         )
     if config.checkpoints == "latest":
         steps = steps[-1:]
-    model = _train_model(train_config(workdir), vocab_size)[0]
+    model = _train_model(train, vocab_size)[0]
 
     def loader(step):
-        return lambda: (model, restore_params(os.path.join(directory, str(step))))
+        return lambda: (model, restore_policy_params(os.path.join(directory, str(step)), stage))
 
     return [Policy(str(step), loader(step)) for step in steps]
 
@@ -158,12 +173,13 @@ def load_reference(config, workdir: str, vocab_size: int):
         )
     train = train_config(workdir)
     model, host_params = _train_model(train, vocab_size)
-    if "sft" in train.stages and train.dpo.init_from == "sft":
+    stage = policy_stage(train)
+    if "sft" in train.stages and train[stage].init_from == "sft":
         directory = os.path.join(workdir, "checkpoints", "sft")
         steps = checkpoint_steps(directory)
         if not steps:
             raise FileNotFoundError(
-                f"{directory}: no SFT checkpoint, the reference of this run's DPO stage"
+                f"{directory}: no SFT checkpoint, the reference of this run's {stage.upper()} stage"
             )
         return model, restore_params(os.path.join(directory, str(steps[-1])))
     return model, _starting_params(train, model, host_params)

@@ -722,9 +722,8 @@ def stage_evaluate(config, p: Paths) -> None:
         name = f"{run}/step_{step}"
         if evaluated(p, name):
             continue
-        params = sft_params if ckpt is None else eval_inputs.restore_params(ckpt)
-        if stage == "ppo":  # a PPO state's params are {"policy", "value"}
-            params = params["policy"]
+        # A PPO state's params are {"policy", "value"}: the policy's are read.
+        params = sft_params if ckpt is None else eval_inputs.restore_policy_params(ckpt, stage)
         metrics, samples, _ = evaluate_one(
             setup, f"{run}@{step}", model, params, e.temperature, key
         )
