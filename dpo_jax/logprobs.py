@@ -79,7 +79,8 @@ def token_logps(logits, tokens):
 
 # ----------------------------------------------------------------------------------------
 # Memory-efficient path: chunked over the sequence (lax.map / scan) and over the vocabulary
-# (online logsumexp), with a custom VJP that recomputes softmax chunk by chunk.
+# (online logsumexp), with a custom VJP that recomputes softmax chunk by chunk (or, with
+# keep_logits, reads the forward's float32 logits of each chunk back).
 # Internal layout: h [C, B, c, D] (C chunks of c positions), targets [C, B, c], w [D, V],
 # vocab blocks of vc columns.
 # ----------------------------------------------------------------------------------------
@@ -384,7 +385,8 @@ def token_logps_from_features(
     targets = targets.reshape(rows, num_chunks, c).swapaxes(0, 1)
 
     vc = vocab_size if vocab_chunk_size is None or keep_logits else vocab_chunk_size
-    logps = _chunked_logps(h, unembed, targets, live, min(vc, vocab_size), bool(keep_logits))
+    keep = bool(keep_logits)
+    logps = _chunked_logps(h, unembed, targets, live, min(vc, vocab_size), keep)  # [C, rows, c]
     logps = logps.swapaxes(0, 1).reshape(rows, num_chunks * c)
     if loss_mask is None:
         logps = logps[:, :n]
