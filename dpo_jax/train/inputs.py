@@ -159,16 +159,21 @@ class _Reader:
             self.stats.log_summary(self.tokenize_config)
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
-    """Reads, parses and tokenizes the run's data as `config.data` says."""
-    data = config.data
-    train_files, eval_files, tokenizer_dir = _locations(config, workdir)
-    tokenize_config = TokenizeConfig(
+def data_tokenize_config(data: ml_collections.ConfigDict) -> TokenizeConfig:
+    """How a run tokenizes and truncates its records, from its `config.data`."""
+    return TokenizeConfig(
         mode=data.tokenize_mode,
         max_length=data.max_length,
         max_prompt_length=data.max_prompt_length,
         truncation_mode=data.truncation_mode,
     )
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: str) -> Splits:
+    """Reads, parses and tokenizes the run's data as `config.data` says."""
+    data = config.data
+    train_files, eval_files, tokenizer_dir = _locations(config, workdir)
+    tokenize_config = data_tokenize_config(data)
     counter = BadRecordCounter(data.on_bad_record, name="data")
     reader = _Reader(data, load_tokenizer(tokenizer_dir), tokenize_config, counter)
     if not {"dpo", "rm", "ppo"} & set(config.stages):  # rm, ppo: the pairs (ppo: prompts)

@@ -68,7 +68,7 @@ class ScoringOptions:
             vocab_chunk_size=int(stage_config.logps_vocab_chunk_size) or None,
             scored_only=bool(stage_config.logps_scored_only),
             scored_row_groups=int(stage_config.logps_scored_row_groups) or None,
-            keep_logits=bool(stage_config.get("logps_keep_logits", False)),
+            keep_logits=bool(stage_config.logps_keep_logits),
         )
 
 

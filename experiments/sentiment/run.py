@@ -625,54 +625,47 @@ def learned_reward_run(config) -> dict | None:
     return next((m for m in ppo if m["hparams"]["reward"] == "learned"), None)
 
 
-def reward_model_scores(config, p: Paths, samples: list[dict]) -> np.ndarray:
+def reward_model_scores(config, p: Paths, samples: list[dict], lm_config, tokenizer) -> np.ndarray:
     """The learned reward model's score [S] of each sample (prompt + completion text),
     tokenized as its `rm` stage tokenized the pairs (EOS appended, the run's truncation);
     -inf for a sample the tokenizer refuses (an empty completion), so that it is never
-    picked over a real one."""
-    from dpo_jax import models
+    picked over a real one. lm_config, tokenizer: the SFT model's, which the reward model's
+    trunk shares."""
+    from dpo_jax.data.batching import pad_sequences
     from dpo_jax.data.examples import RecordError, SFTExample
-    from dpo_jax.data.tokenize import TokenizeConfig, load_tokenizer, pad_id_of, tokenize_sequence
+    from dpo_jax.data.tokenize import pad_id_of, tokenize_sequence
     from dpo_jax.evaluation import inputs as eval_inputs
     from dpo_jax.models import reward as reward_model
+    from dpo_jax.train.inputs import data_tokenize_config
 
     method = learned_reward_run(config)
     data = method_run_config(config, p, method).data
     rm_dir = os.path.join(p.run(method["run"]), "checkpoints", "rm")
     last = eval_inputs.checkpoint_steps(rm_dir)[-1]
     params = eval_inputs.restore_params(os.path.join(rm_dir, str(last)))
-    lm, _ = models.from_hf(p.sft_hf, dtype=config.model.dtype)
-    model = reward_model.RewardModel(reward_model.trunk_config(lm.config))
-    tokenizer = load_tokenizer(p.sft_hf)
-    tokenize = TokenizeConfig(
-        mode=data.tokenize_mode,
-        max_length=data.max_length,
-        max_prompt_length=data.max_prompt_length,
-        truncation_mode=data.truncation_mode,
-    )
-    L, pad = data.max_length, pad_id_of(tokenizer)
-    tokens = np.full((len(samples), L), pad, np.int32)
-    segment_ids = np.zeros((len(samples), L), np.int32)
-    valid = np.ones(len(samples), bool)
-    for i, s in enumerate(samples):
+    model = reward_model.RewardModel(reward_model.trunk_config(lm_config))
+    tokenize = data_tokenize_config(data)
+    seqs, valid = [], []
+    for s in samples:
         try:
-            seq = tokenize_sequence(SFTExample(s["prompt"], s["completion"]), tokenizer, tokenize)
+            seqs.append(
+                tokenize_sequence(SFTExample(s["prompt"], s["completion"]), tokenizer, tokenize)
+            )
+            valid.append(True)
         except RecordError:
-            valid[i] = False
-            continue
-        ids = list(seq.prompt_ids) + list(seq.completion_ids)
-        tokens[i, : len(ids)], segment_ids[i, : len(ids)] = ids, 1
-    positions = np.broadcast_to(np.arange(L, dtype=np.int32), tokens.shape)
+            valid.append(False)
     score = jax.jit(lambda rows: model.apply({"params": params}, *rows))
-    batch = config.eval.kl_batch_size
-    rows = (tokens, positions, segment_ids)
-    out = np.concatenate(
-        [
-            np.asarray(score(tuple(x[i : i + batch] for x in rows)))
-            for i in range(0, len(samples), batch)
-        ]
-    )
-    return np.where(valid, out, -np.inf)
+    batch_size, out = config.eval.kl_batch_size, []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        # One padded length and batch size for every batch: one compiled shape.
+        rows = pad_sequences(chunk, max_length=data.max_length, pad_id=pad_id_of(tokenizer),
+                             pad_to_multiple_of=data.max_length, batch_size=batch_size)  # fmt: skip
+        fields = (rows["tokens"], rows["positions"], rows["segment_ids"])
+        out.append(np.asarray(score(fields))[: len(chunk)])
+    scores = np.full(len(samples), -np.inf)
+    scores[np.array(valid, bool)] = np.concatenate(out) if out else []
+    return scores
 
 
 def save_evaluation(p: Paths, name: str, rows: list[dict], samples: list[dict]) -> None:
@@ -749,7 +742,7 @@ def stage_evaluate(config, p: Paths) -> None:
     if learned_reward_run(config) is not None and not evaluated(p, "best_of_n_rm"):
         # The same SFT samples, picked by the reward model the PPO runs optimise.
         samples = read_jsonl(os.path.join(p.evaluation("best_of_n"), "samples.jsonl"))
-        scores = reward_model_scores(config, p, samples)
+        scores = reward_model_scores(config, p, samples, model.config, tokenizer)
         shape = (len(samples) // max(e.best_of_n), max(e.best_of_n))
         rewards = np.array([s["reward"] for s in samples]).reshape(shape)
         rows = best_of_n_rows(rewards, e.best_of_n, scores.reshape(shape), BEST_OF_N_RM)
